@@ -1,0 +1,1 @@
+"""dept-bench: reproducible measurements that print JSON."""

@@ -1,0 +1,77 @@
+"""The codec interface, its parameters and the registry of codecs by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from dept_comm.errors import UnknownCodecError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CodecParams:
+    """Everything a receiver needs, besides shape and dtype, to decode a payload.
+
+    Mirrors ``dept.v1.CodecParams``; zero means "not used by this codec".
+    """
+
+    block_size: int = 0
+    zstd_level: int = 0
+    bits: int = 0
+
+
+class Codec(Protocol):
+    """Encodes one tensor to bytes and back.
+
+    ``encode`` takes any floating tensor (values are read as float32) and returns the payload.
+    ``decode`` rebuilds a float32 tensor of ``shape``; it must validate the payload length
+    against ``max_encoded_bytes`` and never allocate more than the declared shape implies
+    (decompression goes through a bounded reader). It raises ``dept_comm.errors.DeptError``
+    subclasses on bad input, never a bare ``ValueError``/``zstd`` error.
+    """
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool]  # decode(encode(x)) == x bit for bit (for float32 input)
+
+    @property
+    def params(self) -> CodecParams: ...
+
+    def encode(self, x: torch.Tensor) -> bytes: ...
+
+    def decode(self, data: bytes | memoryview, shape: Sequence[int]) -> torch.Tensor: ...
+
+    def max_encoded_bytes(self, numel: int) -> int:
+        """Upper bound on a valid payload for ``numel`` elements (used before decoding)."""
+        ...
+
+
+CodecFactory = Callable[[CodecParams], Codec]
+_REGISTRY: dict[str, CodecFactory] = {}
+
+
+def register_codec(name: str, factory: CodecFactory) -> None:
+    """Register ``factory`` under ``name``; names are unique."""
+    if name in _REGISTRY:
+        raise ValueError(f"codec {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def get_codec(name: str, params: CodecParams | None = None) -> Codec:
+    """Build the codec registered as ``name`` with ``params`` (defaults when None).
+
+    Raises:
+        UnknownCodecError: no codec has that name.
+    """
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise UnknownCodecError(f"unknown codec {name!r}; known: {', '.join(codec_names())}") from None
+    return factory(params or CodecParams())
+
+
+def codec_names() -> list[str]:
+    """Names of every registered codec, sorted."""
+    return sorted(_REGISTRY)

@@ -1,0 +1,1 @@
+"""dept-server: the DEPT coordinator (CLI, servicer, checkpoints, metrics)."""
