@@ -26,8 +26,10 @@ class CodecParams:
 class Codec(Protocol):
     """Encodes one tensor to bytes and back.
 
-    ``encode`` takes any floating tensor (values are read as float32) and returns the payload.
-    ``decode`` rebuilds a float32 tensor of ``shape``; it must validate the payload length
+    ``encode`` takes a tensor (float codecs read values as float32) and returns the payload.
+    ``decode`` rebuilds a tensor of ``shape`` and ``dtype`` (the dtype the header declares; float
+    codecs compute in float32 and cast, and raise ``ManifestMismatchError`` for a dtype they do not
+    support, e.g. integers); it must validate the payload length
     against ``max_encoded_bytes`` and never allocate more than the declared shape implies
     (decompression goes through a bounded reader). It raises ``dept_comm.errors.DeptError``
     subclasses on bad input, never a bare ``ValueError``/``zstd`` error.
@@ -41,7 +43,9 @@ class Codec(Protocol):
 
     def encode(self, x: torch.Tensor) -> bytes: ...
 
-    def decode(self, data: bytes | memoryview, shape: Sequence[int]) -> torch.Tensor: ...
+    def decode(
+        self, data: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor: ...
 
     def max_encoded_bytes(self, numel: int) -> int:
         """Upper bound on a valid payload for ``numel`` elements (used before decoding)."""
