@@ -4,6 +4,7 @@ isort:skip_file
 The DEPT round protocol between dept-server (coordinator) and dept-worker."""
 
 from collections import abc as _abc
+from dept_comm.pb import tensor_pb2 as _tensor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -67,6 +68,8 @@ class RoundInfo(_message.Message):
     SCHEMA_HASH_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    NUM_ROUNDS_FIELD_NUMBER: _builtins.int
     round_idx: _builtins.int
     """the round now open (or the last one, when finished)"""
     version: _builtins.int
@@ -78,6 +81,10 @@ class RoundInfo(_message.Message):
     deadline_unix_ms: _builtins.int
     """when the open round closes at the latest"""
     state: Global___RunState.ValueType
+    committed: _builtins.bool
+    """the asking worker's update for round_idx is counted"""
+    num_rounds: _builtins.int
+    """rounds in the whole run"""
     def __init__(
         self,
         *,
@@ -87,10 +94,12 @@ class RoundInfo(_message.Message):
         schema_hash: _builtins.bytes = ...,
         deadline_unix_ms: _builtins.int = ...,
         state: Global___RunState.ValueType = ...,
+        committed: _builtins.bool = ...,
+        num_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_digest", b"body_digest", "deadline_unix_ms", b"deadline_unix_ms", "round_idx", b"round_idx", "schema_hash", b"schema_hash", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_digest", b"body_digest", "committed", b"committed", "deadline_unix_ms", b"deadline_unix_ms", "num_rounds", b"num_rounds", "round_idx", b"round_idx", "schema_hash", b"schema_hash", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,6 +270,66 @@ class QueryUploadRequest(_message.Message):
 Global___QueryUploadRequest: _TypeAlias = QueryUploadRequest  # noqa: Y015
 
 @_typing.final
+class CommitUpdateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COMMIT_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    ROUND_IDX_FIELD_NUMBER: _builtins.int
+    TRAIN_LOSS_FIELD_NUMBER: _builtins.int
+    NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    round_idx: _builtins.int
+    train_loss: _builtins.float
+    """mean inner-step loss of this round"""
+    num_tokens: _builtins.int
+    """tokens trained on this round"""
+    @_builtins.property
+    def commit(self) -> _tensor_pb2.Commit: ...
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """e.g. validation loss/ppl/bits per byte of the pulled body"""
+
+    def __init__(
+        self,
+        *,
+        commit: _tensor_pb2.Commit | None = ...,
+        worker_id: _builtins.str = ...,
+        round_idx: _builtins.int = ...,
+        train_loss: _builtins.float = ...,
+        num_tokens: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "metrics", b"metrics", "num_tokens", b"num_tokens", "round_idx", b"round_idx", "train_loss", b"train_loss", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitUpdateRequest: _TypeAlias = CommitUpdateRequest  # noqa: Y015
+
+@_typing.final
 class CommitReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -424,19 +493,45 @@ Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015
 class LeaveRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     reason: _builtins.str
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """final evaluation of the last body, when finished"""
+
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "reason", b"reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

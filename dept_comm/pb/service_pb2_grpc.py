@@ -57,7 +57,7 @@ class ParameterServerStub:
                 _registered_method=True)
         self.CommitUpdate = channel.unary_unary(
                 '/dept.v1.ParameterServer/CommitUpdate',
-                request_serializer=dept__comm_dot_pb_dot_tensor__pb2.Commit.SerializeToString,
+                request_serializer=dept__comm_dot_pb_dot_service__pb2.CommitUpdateRequest.SerializeToString,
                 response_deserializer=dept__comm_dot_pb_dot_service__pb2.CommitReply.FromString,
                 _registered_method=True)
         self.WaitRound = channel.unary_unary(
@@ -171,7 +171,7 @@ def add_ParameterServerServicer_to_server(servicer, server):
             ),
             'CommitUpdate': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitUpdate,
-                    request_deserializer=dept__comm_dot_pb_dot_tensor__pb2.Commit.FromString,
+                    request_deserializer=dept__comm_dot_pb_dot_service__pb2.CommitUpdateRequest.FromString,
                     response_serializer=dept__comm_dot_pb_dot_service__pb2.CommitReply.SerializeToString,
             ),
             'WaitRound': grpc.unary_unary_rpc_method_handler(
@@ -328,7 +328,7 @@ class ParameterServer:
             request,
             target,
             '/dept.v1.ParameterServer/CommitUpdate',
-            dept__comm_dot_pb_dot_tensor__pb2.Commit.SerializeToString,
+            dept__comm_dot_pb_dot_service__pb2.CommitUpdateRequest.SerializeToString,
             dept__comm_dot_pb_dot_service__pb2.CommitReply.FromString,
             options,
             channel_credentials,

@@ -40,7 +40,7 @@ class ParameterServerStub:
     """Stream an update's chunks; nothing counts until Commit verifies."""
     QueryUpload: _grpc.UnaryUnaryMultiCallable[_service_pb2.QueryUploadRequest, _service_pb2.PushReceipt]
     """Which chunks of an upload the server holds (to resume after a cut link)."""
-    CommitUpdate: _grpc.UnaryUnaryMultiCallable[_tensor_pb2.Commit, _service_pb2.CommitReply]
+    CommitUpdate: _grpc.UnaryUnaryMultiCallable[_service_pb2.CommitUpdateRequest, _service_pb2.CommitReply]
     """Make a staged upload eligible for its round (idempotent)."""
     WaitRound: _grpc.UnaryUnaryMultiCallable[_service_pb2.WaitRoundRequest, _service_pb2.RoundInfo]
     """Long-poll until the given round has closed (or the wait times out)."""
@@ -60,7 +60,7 @@ class ParameterServerAsyncStub(ParameterServerStub):
     """Stream an update's chunks; nothing counts until Commit verifies."""
     QueryUpload: _aio.UnaryUnaryMultiCallable[_service_pb2.QueryUploadRequest, _service_pb2.PushReceipt]  # type: ignore[assignment]
     """Which chunks of an upload the server holds (to resume after a cut link)."""
-    CommitUpdate: _aio.UnaryUnaryMultiCallable[_tensor_pb2.Commit, _service_pb2.CommitReply]  # type: ignore[assignment]
+    CommitUpdate: _aio.UnaryUnaryMultiCallable[_service_pb2.CommitUpdateRequest, _service_pb2.CommitReply]  # type: ignore[assignment]
     """Make a staged upload eligible for its round (idempotent)."""
     WaitRound: _aio.UnaryUnaryMultiCallable[_service_pb2.WaitRoundRequest, _service_pb2.RoundInfo]  # type: ignore[assignment]
     """Long-poll until the given round has closed (or the wait times out)."""
@@ -105,7 +105,7 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def CommitUpdate(
         self,
-        request: _tensor_pb2.Commit,
+        request: _service_pb2.CommitUpdateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_service_pb2.CommitReply, _abc.Awaitable[_service_pb2.CommitReply]]:
         """Make a staged upload eligible for its round (idempotent)."""
