@@ -1,0 +1,234 @@
+"""gRPC plumbing: server and channel options, binding, status mapping both ways, bounded retries."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Sequence
+from concurrent import futures
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from dept_comm import errors
+from dept_comm.errors import DeptError
+
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "STATUS_FOR",
+    "BindError",
+    "abort_with",
+    "bind",
+    "build_server",
+    "call_with_retry",
+    "channel_options",
+    "chunk_timeout_s",
+    "error_from_rpc",
+    "server_options",
+    "status_for",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_CHUNK_BYTES = 2 << 20
+MESSAGE_HEADROOM_BYTES = 64 << 10  # header, framing and field tags around a full chunk
+KEEPALIVE_TIME_MS = 30_000  # client pings this often when idle ...
+KEEPALIVE_TIMEOUT_MS = 10_000  # ... and drops the link when a ping is unanswered this long
+MIN_PING_INTERVAL_MS = 20_000  # server tolerates pings this close; must stay <= KEEPALIVE_TIME_MS
+ERROR_METADATA_KEY = "dept-error"  # trailing metadata naming the DeptError class
+
+STATUS_FOR: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
+
+
+class BindError(OSError):
+    """The server could not listen on the requested address (usually: the port is taken)."""
+
+
+def server_options(
+    max_message_bytes: int = MAX_CHUNK_BYTES + MESSAGE_HEADROOM_BYTES,
+) -> list[tuple[str, int]]:
+    """Server channel arguments: chunk-sized message limits, keepalive matching ``channel_options``.
+
+    ``grpc.so_reuseport`` is 0 so that a second server on the same port fails instead of silently
+    sharing it.
+    """
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", 15 * 60_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(
+    max_message_bytes: int = MAX_CHUNK_BYTES + MESSAGE_HEADROOM_BYTES,
+) -> list[tuple[str, Any]]:
+    """Client channel arguments agreeing with ``server_options`` (keepalive, limits, reconnects)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 1_000),
+        ("grpc.max_reconnect_backoff_ms", 20_000),
+    ]
+
+
+def build_server(
+    max_workers: int,
+    *,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+    maximum_concurrent_rpcs: int | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> grpc.Server:
+    """A sync gRPC server with ``server_options`` (each streaming RPC holds one pool thread).
+
+    Raises:
+        ValueError: ``max_workers`` < 1, or ``maximum_concurrent_rpcs`` not below ``max_workers``
+            (excess calls must be refused with RESOURCE_EXHAUSTED, not queued behind busy threads).
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if maximum_concurrent_rpcs is not None and not 1 <= maximum_concurrent_rpcs <= max_workers:
+        raise ValueError(
+            f"maximum_concurrent_rpcs={maximum_concurrent_rpcs} must be in [1, max_workers={max_workers}]"
+        )
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dept-rpc"),
+        interceptors=list(interceptors),
+        options=list(options) if options is not None else server_options(),
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
+
+
+def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on ``host:port`` (0 picks a free port) and return the bound port.
+
+    Raises:
+        BindError: the address cannot be bound (port taken, bad host).
+    """
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as err:  # grpcio >= 1.5x raises instead of returning 0
+        raise BindError(f"cannot bind gRPC server to {address}: {err} (port in use?)") from err
+    if bound == 0:
+        raise BindError(f"cannot bind gRPC server to {address} (port in use?)")
+    return bound
+
+
+def status_for(err: DeptError) -> grpc.StatusCode:
+    """The status a servicer answers ``err`` with (INTERNAL for an unknown status name)."""
+    return STATUS_FOR.get(err.status, grpc.StatusCode.INTERNAL)
+
+
+def abort_with(context: grpc.ServicerContext, err: DeptError) -> NoReturn:
+    """End the RPC with ``err``'s status; details start with the class name for ``error_from_rpc``."""
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, type(err).__name__),))
+    context.abort(status_for(err), f"{type(err).__name__}: {err}")
+
+
+def _error_classes() -> dict[str, type[DeptError]]:
+    out: dict[str, type[DeptError]] = {}
+    for value in vars(errors).values():
+        if isinstance(value, type) and issubclass(value, DeptError):
+            out[value.__name__] = value
+    return out
+
+
+_ERROR_CLASSES = _error_classes()
+# Codes gRPC itself never produces (statuscodes.md), so they carry only application meaning.
+_APP_ONLY_CODES: dict[grpc.StatusCode, type[DeptError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInputError,
+    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.ConflictError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.RoundNotOpenError,
+    grpc.StatusCode.ABORTED: errors.StaleRoundError,
+    grpc.StatusCode.DATA_LOSS: errors.ChecksumError,
+}
+
+
+def error_from_rpc(e: grpc.RpcError) -> DeptError | None:
+    """The DeptError a failed call stands for, or None for transport failures (UNAVAILABLE etc.).
+
+    The class named by the server (trailing metadata or details prefix) wins; otherwise only codes
+    gRPC never generates itself are mapped, to the base class for that code.
+    """
+    code = e.code() if isinstance(e, grpc.Call) else None
+    details = (e.details() if isinstance(e, grpc.Call) else None) or ""
+    name = ""
+    if isinstance(e, grpc.Call):
+        for key, value in e.trailing_metadata() or ():
+            if key == ERROR_METADATA_KEY:
+                name = value if isinstance(value, str) else value.decode()
+    if not name and ":" in details:
+        name = details.split(":", 1)[0]
+    cls = _ERROR_CLASSES.get(name)
+    if cls is not None and code is not None and STATUS_FOR.get(cls.status) == code:
+        message = details[len(name) + 2 :] if details.startswith(name + ": ") else details
+        return cls(message)
+    if code is not None and code in _APP_ONLY_CODES:
+        return _APP_ONLY_CODES[code](details)
+    return None
+
+
+_RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def call_with_retry(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 6,
+    base_delay_s: float = 0.5,
+    max_delay_s: float = 20.0,
+    retry_on: Collection[grpc.StatusCode] = _RETRY_ON,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying only ``retry_on`` codes with full-jitter backoff.
+
+    The n-th retry waits ``uniform(0, min(max_delay_s, base_delay_s * 2**n))``. Safe only for
+    idempotent calls (uploads are keyed by upload id and seq).
+
+    Raises:
+        grpc.RpcError: a code not in ``retry_on``, or the last attempt's error.
+        ValueError: ``attempts`` < 1.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    draw = (rng or random).uniform
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else None
+            if code not in retry_on or attempt == attempts - 1:
+                raise
+            delay = draw(0.0, min(max_delay_s, base_delay_s * (2**attempt)))
+            logger.warning("rpc_retry attempt=%d/%d code=%s delay_s=%.2f", attempt + 1, attempts, code, delay)
+            sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def chunk_timeout_s(num_bytes: int, *, min_bandwidth_bps: float = 1e6) -> float:
+    """Deadline for moving ``num_bytes`` at no less than ``min_bandwidth_bps`` bytes/s, with 3x slack.
+
+    Clamped to [5, 300] s: never one deadline for a whole multi-GB transfer.
+    """
+    if min_bandwidth_bps <= 0:
+        raise ValueError(f"min_bandwidth_bps must be > 0, got {min_bandwidth_bps}")
+    return min(300.0, max(5.0, 3.0 * num_bytes / min_bandwidth_bps))

@@ -1,0 +1,554 @@
+"""Chunked tensor streams: open, CRC32C-checked chunks with per-tensor headers, and a verified commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+import torch
+import xxhash
+
+from dept_comm.codecs import Codec, CodecParams
+from dept_comm.digest import Group, Manifest, TensorSpec, count_nonfinite, dtype_to_pb
+from dept_comm.errors import (
+    ChecksumError,
+    CommitMismatchError,
+    ConflictError,
+    ManifestMismatchError,
+    NonFiniteError,
+    SizeLimitError,
+    StreamOrderError,
+)
+from dept_comm.manifest import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ReceiveLimits, check_header
+from dept_comm.pb import service_pb2
+from dept_comm.pb import tensor_pb2 as pb
+
+__all__ = [
+    "ReceiveLimits",
+    "StreamConfig",
+    "StreamOpenInfo",
+    "StreamReceiver",
+    "encode_stream",
+    "receive_stream",
+]
+
+logger = logging.getLogger(__name__)
+
+# A seq this far past the highest one held is refused, so that a forged seq cannot make the
+# receipt's missing list huge (64 Ki chunks is 64 GiB of 1 MiB chunks).
+MAX_SEQ_AHEAD = 1 << 16
+
+CodecChoice = Codec | Callable[[str, torch.Tensor], Codec]
+Encoder = Callable[[str, torch.Tensor, Codec], bytes]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamConfig:
+    """How tensors are cut on the wire."""
+
+    chunk_bytes: int = 1 << 20  # each message stays well under gRPC's 4 MiB default limit
+
+    def __post_init__(self) -> None:
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [1 KiB, 2 MiB], got {self.chunk_bytes}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamOpenInfo:
+    """Who sends a stream, for which round, and which state its tensors relate to."""
+
+    upload_id: str
+    sender_id: str = ""
+    round_idx: int = 0
+    base_version: int = 0
+    base_digest: bytes = b""
+    target_version: int = 0
+    target_digest: bytes = b""
+    is_delta: bool = False
+    num_tensors: int = 0  # filled in by encode_stream
+
+    def to_pb(self) -> pb.StreamOpen:
+        return pb.StreamOpen(**dataclasses.asdict(self))
+
+    @classmethod
+    def from_pb(cls, m: pb.StreamOpen) -> StreamOpenInfo:
+        return cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})
+
+
+def _resolve_codec(codec: CodecChoice, name: str, x: torch.Tensor) -> Codec:
+    if hasattr(codec, "encode") and hasattr(codec, "max_encoded_bytes"):
+        return codec  # type: ignore[return-value]
+    return codec(name, x)  # type: ignore[operator]
+
+
+def _wire_dtype(x: torch.Tensor, codec: Codec) -> torch.dtype:
+    # Float codecs rebuild float32; the raw codec (and any integer tensor) keeps its own dtype.
+    if codec.name == "raw" or not x.dtype.is_floating_point:
+        return x.dtype
+    return torch.float32
+
+
+# Codecs whose payload is the tensor's own little-endian bytes for these dtypes: encode_stream
+# slices the tensor's memory instead of copying it into one big payload first.
+_SAME_BYTES: dict[str, frozenset[torch.dtype]] = {
+    "fp32": frozenset({torch.float32}),
+    "raw": frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64}),
+}
+
+
+def _payload(name: str, x: torch.Tensor, codec: Codec, encoder: Encoder | None) -> bytes | memoryview:
+    if encoder is not None:
+        p = encoder(name, x, codec)
+    elif (
+        sys.byteorder == "little"
+        and x.device.type == "cpu"
+        and x.is_contiguous()
+        and x.dtype in _SAME_BYTES.get(codec.name, ())
+    ):
+        return x.detach().reshape(-1).view(torch.uint8).numpy().data
+    else:
+        p = codec.encode(x)
+    return p if isinstance(p, bytes) else bytes(p)  # protobuf bytes fields take bytes only
+
+
+def _params_pb(p: CodecParams) -> pb.CodecParams:
+    return pb.CodecParams(block_size=p.block_size, zstd_level=p.zstd_level, bits=p.bits)
+
+
+def encode_stream(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    open_info: StreamOpenInfo,
+    codec: CodecChoice,
+    groups: Group | Mapping[str, Group] = Group.BODY,
+    config: StreamConfig = StreamConfig(),
+    encoder: Encoder | None = None,
+) -> Iterator[pb.StreamMessage]:
+    """Yield the open message, every tensor's chunks, then the commit; lazily, one tensor at a time.
+
+    Memory: one encoded tensor at a time. For ``fp32``/``raw`` on contiguous CPU tensors the chunks
+    are sliced from the tensor's own memory, so tensors must not change while the stream is consumed.
+
+    Args:
+        tensors: what to send, in this order.
+        open_info: the stream's identity; ``num_tensors`` is set to ``len(tensors)``.
+        codec: one codec for all tensors, or a function choosing one per tensor.
+        groups: the accounting group of every tensor, or one per name.
+        config: chunk size.
+        encoder: replaces ``codec.encode`` (e.g. error feedback); gets (name, tensor, codec).
+
+    Raises:
+        ValueError: ``open_info.num_tensors`` disagrees with ``tensors``.
+        ManifestMismatchError: a dtype with no wire representation.
+        KeyError: a per-name ``groups`` mapping lacks a name.
+    """
+    if open_info.num_tensors not in (0, len(tensors)):
+        raise ValueError(f"open_info.num_tensors={open_info.num_tensors} but {len(tensors)} tensors given")
+    info = dataclasses.replace(open_info, num_tensors=len(tensors))
+    upload_id = info.upload_id
+    step = config.chunk_bytes
+    stream_hash = xxhash.xxh3_128()
+    seq = 0
+    yield pb.StreamMessage(open=info.to_pb())
+    for tensor_idx, (name, x) in enumerate(tensors.items()):
+        group = groups if isinstance(groups, Group) else groups[name]
+        c = _resolve_codec(codec, name, x)
+        payload = _payload(name, x, c, encoder)
+        size = len(payload)
+        num_chunks = max(1, -(-size // step))
+        header = pb.TensorHeader(
+            name=name,
+            shape=list(x.shape),
+            dtype=dtype_to_pb(_wire_dtype(x, c)),
+            codec=c.name,
+            codec_params=_params_pb(c.params),
+            raw_bytes=x.numel() * 4,
+            encoded_bytes=size,
+            group=pb.TensorGroup.ValueType(group),
+            num_chunks=num_chunks,
+            digest=xxhash.xxh3_128_digest(payload),
+        )
+        stream_hash.update(payload)
+        for chunk_idx in range(num_chunks):
+            data = bytes(payload[chunk_idx * step : (chunk_idx + 1) * step])
+            msg = pb.StreamMessage()
+            chunk = msg.chunk
+            chunk.upload_id = upload_id
+            chunk.seq = seq
+            chunk.tensor_idx = tensor_idx
+            chunk.chunk_idx = chunk_idx
+            if chunk_idx == 0:
+                chunk.header.CopyFrom(header)
+            chunk.data = data
+            chunk.crc32c = google_crc32c.value(data)
+            seq += 1
+            yield msg
+        del payload
+    commit = pb.Commit(
+        upload_id=upload_id, num_chunks=seq, num_tensors=len(tensors), digest=stream_hash.digest()
+    )
+    yield pb.StreamMessage(commit=commit)
+
+
+class _Staged:
+    """One tensor's header facts and the encoded chunks held so far."""
+
+    __slots__ = ("spec", "codec", "encoded_bytes", "num_chunks", "digest", "chunks", "held_bytes")
+
+    def __init__(self, spec: TensorSpec, codec: Codec, header: pb.TensorHeader) -> None:
+        self.spec = spec
+        self.codec = codec
+        self.encoded_bytes = header.encoded_bytes
+        self.num_chunks = header.num_chunks
+        self.digest = header.digest
+        self.chunks: dict[int, bytes] = {}
+        self.held_bytes = 0
+
+
+class StreamReceiver:
+    """Validates a tensor stream message by message and stages its encoded bytes until commit.
+
+    Every check runs before anything is stored, so a rejected message leaves the receiver as it
+    was. A repeated identical open, chunk or commit is accepted once (resumed uploads); seq gaps
+    are allowed and reported by ``receipt``. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        manifest: Manifest | None = None,
+        limits: ReceiveLimits = DEFAULT_LIMITS,
+        expected_upload_id: str | None = None,
+        require_all: bool = True,
+    ) -> None:
+        """Args:
+        manifest: expected tensors; headers must match it (names, shapes, dtypes, groups).
+        limits: caps checked before staging.
+        expected_upload_id: refuse an open for any other upload.
+        require_all: with a manifest, the commit must cover every manifest tensor.
+        """
+        self._manifest = manifest
+        self._limits = limits
+        self._expected_upload_id = expected_upload_id
+        self._require_all = require_all
+        self._lock = threading.Lock()
+        self._open: pb.StreamOpen | None = None
+        self._info: StreamOpenInfo | None = None
+        self._tensors: dict[int, _Staged] = {}
+        self._names: set[str] = set()
+        self._held: dict[int, tuple[int, int]] = {}  # seq -> (tensor_idx, chunk_idx)
+        self._max_seq = -1
+        self._raw_total = 0
+        self._staged_bytes = 0
+        self._hash = xxhash.xxh3_128()
+        self._hashed_upto = 0  # every seq below this is folded into _hash
+        self._commit: pb.Commit | None = None
+        self._discarded = False
+
+    @property
+    def open_info(self) -> StreamOpenInfo | None:
+        return self._info
+
+    @property
+    def staged_bytes(self) -> int:
+        return self._staged_bytes
+
+    @property
+    def committed(self) -> bool:
+        return self._commit is not None
+
+    def add(self, msg: pb.StreamMessage) -> None:
+        """Validate one message and stage it (open, chunk or commit).
+
+        Raises:
+            StreamOrderError, ChecksumError, ConflictError, ManifestMismatchError, SizeLimitError,
+            UnknownCodecError, CommitMismatchError: see the module's checks; nothing is stored.
+        """
+        kind = msg.WhichOneof("kind")
+        with self._lock:
+            self._check_live()
+            if kind == "open":
+                self._add_open(msg.open)
+            elif kind == "chunk":
+                self._add_chunk(msg.chunk)
+            elif kind == "commit":
+                self._commit_locked(msg.commit)
+            else:
+                raise StreamOrderError("stream message with no open, chunk or commit set")
+
+    def _add_open(self, o: pb.StreamOpen) -> None:
+        if self._open is not None:
+            if o == self._open:
+                return
+            raise ConflictError(f"second open for upload {self._open.upload_id!r} differs from the first")
+        if not o.upload_id:
+            raise StreamOrderError("open without an upload_id")
+        if self._expected_upload_id is not None and o.upload_id != self._expected_upload_id:
+            raise StreamOrderError(f"upload_id {o.upload_id!r}, expected {self._expected_upload_id!r}")
+        if o.num_tensors > self._limits.max_tensors:
+            raise SizeLimitError(f"open declares {o.num_tensors} tensors, limit {self._limits.max_tensors}")
+        if self._manifest is not None and self._require_all and o.num_tensors != len(self._manifest):
+            raise ManifestMismatchError(
+                f"open declares {o.num_tensors} tensors, manifest has {len(self._manifest)}"
+            )
+        self._open = pb.StreamOpen()
+        self._open.CopyFrom(o)
+        self._info = StreamOpenInfo.from_pb(o)
+
+    def _add_chunk(self, c: pb.TensorChunk) -> None:
+        o = self._open
+        if o is None:
+            raise StreamOrderError("chunk before the stream's open")
+        data = c.data
+        if google_crc32c.value(data) != c.crc32c:
+            raise ChecksumError(f"chunk seq={c.seq} crc32c mismatch ({len(data)} bytes)")
+        if c.upload_id != o.upload_id:
+            raise StreamOrderError(f"chunk seq={c.seq} for upload {c.upload_id!r}, stream is {o.upload_id!r}")
+        if len(data) > self._limits.max_chunk_bytes:
+            raise SizeLimitError(
+                f"chunk seq={c.seq} has {len(data)} bytes, limit {self._limits.max_chunk_bytes}"
+            )
+        held = self._held.get(c.seq)
+        if held is not None:
+            self._check_duplicate(c, held, data)
+            return
+        if self._commit is not None:
+            raise StreamOrderError(f"new chunk seq={c.seq} after the commit")
+        if c.seq > self._max_seq + MAX_SEQ_AHEAD:
+            raise StreamOrderError(f"chunk seq={c.seq} is more than {MAX_SEQ_AHEAD} past seq {self._max_seq}")
+        if c.tensor_idx >= o.num_tensors:
+            raise StreamOrderError(
+                f"chunk seq={c.seq} tensor_idx={c.tensor_idx}, open declares {o.num_tensors}"
+            )
+        has_header = c.HasField("header")
+        if has_header != (c.chunk_idx == 0):
+            raise StreamOrderError(
+                f"chunk seq={c.seq} chunk_idx={c.chunk_idx}: header must be set iff chunk_idx == 0"
+            )
+        staged = self._tensors.get(c.tensor_idx)
+        new = None
+        if has_header:
+            if staged is not None:
+                raise ConflictError(f"tensor_idx={c.tensor_idx} already has a header (chunk seq={c.seq})")
+            spec, codec = check_header(
+                c.header,
+                manifest=self._manifest,
+                limits=self._limits,
+                seen_names=self._names,
+                raw_bytes_so_far=self._raw_total,
+            )
+            new = staged = _Staged(spec, codec, c.header)
+        elif staged is None:
+            raise StreamOrderError(
+                f"chunk seq={c.seq} of tensor_idx={c.tensor_idx} before that tensor's header"
+            )
+        if c.chunk_idx >= staged.num_chunks:
+            raise StreamOrderError(
+                f"chunk seq={c.seq} chunk_idx={c.chunk_idx} past num_chunks={staged.num_chunks} of {staged.spec.name!r}"
+            )
+        if c.chunk_idx in staged.chunks:
+            raise ConflictError(
+                f"chunk seq={c.seq}: {staged.spec.name!r} chunk {c.chunk_idx} already came as another seq"
+            )
+        if staged.held_bytes + len(data) > staged.encoded_bytes:
+            raise SizeLimitError(
+                f"{staged.spec.name!r} chunks reach {staged.held_bytes + len(data)} bytes, "
+                f"header declares encoded_bytes={staged.encoded_bytes}"
+            )
+        # All checks passed: store.
+        if new is not None:
+            self._tensors[c.tensor_idx] = new
+            self._names.add(new.spec.name)
+            self._raw_total += new.spec.numel * 4
+        staged.chunks[c.chunk_idx] = data
+        staged.held_bytes += len(data)
+        self._staged_bytes += len(data)
+        self._held[c.seq] = (c.tensor_idx, c.chunk_idx)
+        self._max_seq = max(self._max_seq, c.seq)
+        self._advance_hash()
+
+    def _check_duplicate(self, c: pb.TensorChunk, held: tuple[int, int], data: bytes) -> None:
+        staged = self._tensors[held[0]]
+        same = (c.tensor_idx, c.chunk_idx) == held and staged.chunks[held[1]] == data
+        if not same:
+            raise ConflictError(f"chunk seq={c.seq} resent with different content")
+
+    def _advance_hash(self) -> None:
+        while self._hashed_upto in self._held:
+            t_idx, c_idx = self._held[self._hashed_upto]
+            self._hash.update(self._tensors[t_idx].chunks[c_idx])
+            self._hashed_upto += 1
+
+    def missing_seqs(self) -> list[int]:
+        """Seqs below the highest one held that have not arrived."""
+        with self._lock:
+            if len(self._held) == self._max_seq + 1:
+                return []
+            return [s for s in range(self._hashed_upto, self._max_seq) if s not in self._held]
+
+    def receipt(self) -> tuple[int, list[int]]:
+        """(chunks held, missing seqs below the highest seen)."""
+        with self._lock:
+            held = len(self._held)
+        return held, self.missing_seqs()
+
+    def push_receipt(self) -> service_pb2.PushReceipt:
+        """The receipt as a ``PushReceipt``; its digest is set once the stream is committed."""
+        held, missing = self.receipt()
+        upload_id = self._open.upload_id if self._open is not None else ""
+        digest = self._commit.digest if self._commit is not None else b""
+        return service_pb2.PushReceipt(
+            upload_id=upload_id, num_chunks=held, missing_seqs=missing, digest=digest
+        )
+
+    def commit(self, c: pb.Commit) -> None:
+        """Verify ``c`` against everything held; idempotent for an identical commit.
+
+        Raises:
+            StreamOrderError: no open yet.
+            CommitMismatchError: missing chunks, wrong counts, or a digest mismatch.
+            ConflictError: a different commit after a successful one.
+        """
+        with self._lock:
+            self._check_live()
+            self._commit_locked(c)
+
+    def _commit_locked(self, c: pb.Commit) -> None:
+        o = self._open
+        if o is None:
+            raise StreamOrderError("commit before the stream's open")
+        if self._commit is not None:
+            if c == self._commit:
+                return
+            raise ConflictError(f"upload {o.upload_id!r} is already committed with a different commit")
+        if c.upload_id != o.upload_id:
+            raise CommitMismatchError(f"commit for upload {c.upload_id!r}, stream is {o.upload_id!r}")
+        if c.num_tensors != o.num_tensors or c.num_tensors != len(self._tensors):
+            raise CommitMismatchError(
+                f"commit num_tensors={c.num_tensors}, open declared {o.num_tensors}, headers held {len(self._tensors)}"
+            )
+        if self._manifest is not None and self._require_all and c.num_tensors != len(self._manifest):
+            raise CommitMismatchError(
+                f"commit num_tensors={c.num_tensors}, manifest has {len(self._manifest)}"
+            )
+        total = sum(t.num_chunks for t in self._tensors.values())
+        if c.num_chunks != total:
+            raise CommitMismatchError(f"commit num_chunks={c.num_chunks}, headers declare {total}")
+        if len(self._held) != total or self._max_seq != total - 1:
+            missing = [s for s in range(total) if s not in self._held]
+            raise CommitMismatchError(
+                f"commit with {len(self._held)} of {total} chunks held; missing seqs {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}"
+            )
+        for t in self._tensors.values():
+            if len(t.chunks) != t.num_chunks or t.held_bytes != t.encoded_bytes:
+                raise CommitMismatchError(
+                    f"tensor {t.spec.name!r} holds {len(t.chunks)}/{t.num_chunks} chunks, "
+                    f"{t.held_bytes}/{t.encoded_bytes} bytes"
+                )
+        assert self._hashed_upto == total, "all seqs are held, so all are hashed"
+        digest = self._hash.digest()
+        if c.digest != digest:
+            raise CommitMismatchError(f"commit digest {c.digest.hex()} != received {digest.hex()}")
+        self._commit = pb.Commit()
+        self._commit.CopyFrom(c)
+
+    def tensors(self) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """Decode the committed tensors one at a time, in stream order.
+
+        Raises:
+            StreamOrderError: not committed.
+            CommitMismatchError: a tensor's payload digest differs from its header.
+            NonFiniteError: a decoded tensor holds NaN/Inf (when the limits require finite values).
+        """
+        self._check_live()
+        if self._commit is None:
+            raise StreamOrderError("tensors() before a verified commit")
+        for idx in range(len(self._tensors)):
+            yield self._decode(self._tensors[idx])
+
+    def _decode(self, t: _Staged) -> tuple[TensorSpec, torch.Tensor]:
+        spec = t.spec
+        if sys.byteorder == "little" and spec.dtype in _SAME_BYTES.get(t.codec.name, ()):
+            out = self._assemble(t)
+        else:
+            data = t.chunks[0] if t.num_chunks == 1 else b"".join(t.chunks[i] for i in range(t.num_chunks))
+            if xxhash.xxh3_128_digest(data) != t.digest:
+                raise CommitMismatchError(f"tensor {spec.name!r} payload digest differs from its header")
+            out = t.codec.decode(data, spec.shape, spec.dtype)
+        if tuple(out.shape) != spec.shape or out.dtype != spec.dtype:
+            raise ManifestMismatchError(
+                f"codec {t.codec.name!r} decoded {spec.name!r} as {tuple(out.shape)} {out.dtype}, "
+                f"header says {spec.shape} {spec.dtype}"
+            )
+        if self._limits.require_finite:
+            bad = count_nonfinite(out)
+            if bad:
+                raise NonFiniteError(f"tensor {spec.name!r} has {bad} non-finite values of {out.numel()}")
+        return spec, out
+
+    @staticmethod
+    def _assemble(t: _Staged) -> torch.Tensor:
+        # The payload is the tensor's bytes: copy the chunks straight into the output (one copy).
+        out = torch.empty(t.spec.shape, dtype=t.spec.dtype)
+        size = out.numel() * out.element_size()
+        if t.encoded_bytes != size:
+            raise SizeLimitError(
+                f"{t.codec.name} payload of {t.spec.name!r} is {t.encoded_bytes} bytes, needs {size}"
+            )
+        buf = out.reshape(-1).view(torch.uint8).numpy()
+        h = xxhash.xxh3_128()
+        off = 0
+        for i in range(t.num_chunks):
+            data = t.chunks[i]
+            buf[off : off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            h.update(data)
+            off += len(data)
+        if h.digest() != t.digest:
+            raise CommitMismatchError(f"tensor {t.spec.name!r} payload digest differs from its header")
+        return out
+
+    def decode_all(self) -> dict[str, torch.Tensor]:
+        """Decode and validate every tensor, then return them by name (nothing on any failure)."""
+        return {spec.name: t for spec, t in self.tensors()}
+
+    def discard(self) -> None:
+        """Drop the staged bytes (superseded or expired upload); the receiver is unusable after."""
+        with self._lock:
+            self._tensors.clear()
+            self._held.clear()
+            self._staged_bytes = 0
+            self._discarded = True
+
+    def _check_live(self) -> None:
+        if self._discarded:
+            raise StreamOrderError("receiver was discarded (upload superseded or expired)")
+
+
+def receive_stream(
+    messages: Iterable[pb.StreamMessage],
+    *,
+    manifest: Manifest | None = None,
+    limits: ReceiveLimits = DEFAULT_LIMITS,
+    require_all: bool = True,
+) -> tuple[StreamOpenInfo, dict[str, torch.Tensor]]:
+    """Read a whole stream (e.g. a pull) and return its open info and decoded tensors.
+
+    Raises:
+        CommitMismatchError: the stream ended without a commit.
+        StreamOrderError: a message after the commit; plus everything ``StreamReceiver.add`` raises.
+    """
+    rx = StreamReceiver(manifest=manifest, limits=limits, require_all=require_all)
+    for msg in messages:
+        if rx.committed:
+            raise StreamOrderError(f"message {msg.WhichOneof('kind')!r} after the commit")
+        rx.add(msg)
+    if not rx.committed or rx.open_info is None:
+        raise CommitMismatchError("stream ended without a commit")
+    return rx.open_info, rx.decode_all()
