@@ -100,6 +100,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, kind: str = "bpe")
     for want_id, token in enumerate(SPECIAL_TOKENS):
         got = tok.token_to_id(token)
         assert got == want_id, f"special {token} got id {got}"
+    tok.encode_special_tokens = True  # see encode_batch
     logger.info(
         "tokenizer_trained kind=%s vocab_size=%d requested=%d", kind, tok.get_vocab_size(), vocab_size
     )
@@ -116,11 +117,14 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written.
     """
-    dest = Path(path)
+    return _write_atomic(Path(path), tok.to_str())
+
+
+def _write_atomic(dest: Path, text: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(tok.to_str())
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, dest)
@@ -143,6 +147,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
         raise TokenizerFileError(f"cannot read tokenizer {src}: {err}; delete it and retrain") from err
     eos_id(tok)
+    tok.encode_special_tokens = True  # not stored in the file; see encode_batch
     return tok
 
 
@@ -204,8 +209,11 @@ def vocab_digest(tok: Tokenizer) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def encode_batch(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def encode_batch(tok: Tokenizer, texts: Iterable[str]) -> list[list[int]]:
     """Encode documents in parallel, without special tokens (packing appends eos).
+
+    Documents are plain text: a literal "<|endoftext|>" inside one encodes as ordinary bytes, never
+    as the eos id (this sets `tok.encode_special_tokens`, which tokenizers does not save in files).
 
     Args:
         tok: the tokenizer.
@@ -214,9 +222,11 @@ def encode_batch(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     Returns:
         One list of token ids per document.
     """
-    if not texts:
+    batch = list(texts)
+    if not batch:
         return []
-    encodings = tok.encode_batch_fast(list(texts), add_special_tokens=False)
+    tok.encode_special_tokens = True
+    encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
     return [enc.ids for enc in encodings]
 
 
@@ -333,8 +343,11 @@ def build_tokenizers(
         paths.update({src: out / f"{names[src]}.json" for src in sources})
     meta_path = out / _CACHE_FILE
     if meta_path.is_file() and all(p.is_file() for p in paths.values()):
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("key") == key:
+        try:
+            cached_key = json.loads(meta_path.read_text(encoding="utf-8")).get("key")
+        except (json.JSONDecodeError, AttributeError):
+            cached_key = None  # unreadable: rebuild below
+        if cached_key == key:
             logger.info("tokenizers_reused out_dir=%s key=%s", out, key[:12])
             return paths
     out.mkdir(parents=True, exist_ok=True)
@@ -347,8 +360,7 @@ def build_tokenizers(
         for src in sources:
             save_tokenizer(train_tokenizer(texts[src], vocab_size=vocab_size, kind=kind), paths[src])
     digests = {name: vocab_digest(load_tokenizer(p)) for name, p in paths.items()}
-    meta_path.write_text(
-        json.dumps({"key": key, "files": {n: p.name for n, p in paths.items()}, "digests": digests}, indent=1)
-    )
+    meta = {"key": key, "files": {n: p.name for n, p in paths.items()}, "digests": digests}
+    _write_atomic(meta_path, json.dumps(meta, indent=1, sort_keys=True))
     logger.info("tokenizers_built out_dir=%s key=%s num_files=%d", out, key[:12], len(paths))
     return paths

@@ -8,7 +8,7 @@ except for the one token y shares with the next window's x.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -22,9 +22,10 @@ logger = logging.getLogger(__name__)
 _ENCODE_CHUNK_DOCS = 512
 
 
-def tokenize_texts(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+def tokenize_texts(tok: Tokenizer, texts: Iterable[str]) -> np.ndarray:
     """Encode documents into one flat int64 stream with eos after every document."""
     eos = eos_id(tok)
+    texts = list(texts)
     parts: list[np.ndarray] = []
     for start in range(0, len(texts), _ENCODE_CHUNK_DOCS):
         for ids in encode_batch(tok, texts[start : start + _ENCODE_CHUNK_DOCS]):
