@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -14,20 +13,26 @@ from dept_comm.errors import InvalidInputError, ManifestMismatchError, NonFinite
 
 logger = logging.getLogger(__name__)
 
-Scalar = float | int | str
-
 # DiLoCo convention. Worker k sends Δ_k = θ_k − θ_{t−1}; the outer gradient is g = −mean_k Δ_k.
 # An optimizer returns the UPDATE u_t to add (θ_t = θ_{t−1} + u_t) and never applies it itself:
 # the server encodes u_t for the down-link, decodes it, and adds the *decoded* update to its own
 # copy, so that its body stays bit-identical to every worker's.
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OuterState:
-    """An optimizer's state in safetensors-friendly form: fp32 tensors plus JSON scalars."""
+# State is one flat ``dict[str, Tensor]`` so that it is a checkpoint group as it stands: scalars
+# are 0-d tensors, the optimizer kind is its name in ASCII bytes (uint8), momentum buffers are
+# ``buf.<tensor name>``. An empty mapping means "fresh state".
+KIND_KEY = "kind"
+STEPS_KEY = "num_steps"
+BUF_PREFIX = "buf."
 
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    scalars: dict[str, Scalar] = field(default_factory=dict)
+
+def _kind_tensor(name: str) -> torch.Tensor:
+    return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8)
+
+
+def _scalar(x: float | int) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64 if isinstance(x, float) else torch.int64)
 
 
 class OuterOptimizer(Protocol):
@@ -39,12 +44,12 @@ class OuterOptimizer(Protocol):
         """Return the update to add to the global parameters (fp32, new tensors)."""
         ...
 
-    def state_dict(self) -> OuterState:
-        """Snapshot the state (momentum buffers, step count, hyperparameters)."""
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Snapshot the state (momentum buffers, step count, hyperparameters) as CPU tensors."""
         ...
 
-    def load_state_dict(self, state: OuterState) -> None:
-        """Restore a snapshot taken by :meth:`state_dict` of the same optimizer kind."""
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore a snapshot of the same optimizer kind; an empty mapping leaves a fresh state."""
         ...
 
 
@@ -61,19 +66,21 @@ def _checked_fp32(avg_delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _check_kind(state: OuterState, name: str) -> None:
-    kind = state.scalars.get("kind")
+def _check_kind(state: Mapping[str, torch.Tensor], name: str) -> None:
+    kind_t = state.get(KIND_KEY)
+    kind = bytes(kind_t.to(torch.uint8).tolist()).decode("ascii", "replace") if kind_t is not None else None
     if kind != name:
         raise InvalidInputError(f"outer optimizer state is for {kind!r}, cannot load it into {name!r}")
 
 
-def _warn_hparam(name: str, key: str, configured: float, saved: Scalar | None) -> None:
+def _warn_hparam(name: str, key: str, configured: float, state: Mapping[str, torch.Tensor]) -> None:
+    saved = state.get(key)
     if saved is not None and float(saved) != configured:
         logger.warning(
             "outer_hparam_changed optimizer=%s key=%s saved=%s configured=%s (keeping configured)",
             name,
             key,
-            saved,
+            float(saved),
             configured,
         )
 
@@ -102,15 +109,21 @@ class FedAvg:
         self.num_steps += 1
         return {name: d * self.lr for name, d in deltas.items()}
 
-    def state_dict(self) -> OuterState:
-        """Step count and lr (no tensors)."""
-        return OuterState(scalars={"kind": self.name, "lr": self.lr, "num_steps": self.num_steps})
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Kind, step count and lr as 0-d tensors."""
+        return {KIND_KEY: _kind_tensor(self.name), "lr": _scalar(self.lr), STEPS_KEY: _scalar(self.num_steps)}
 
-    def load_state_dict(self, state: OuterState) -> None:
-        """Restore the step count; a different saved lr is logged and the configured one kept."""
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the step count; a different saved lr is logged and the configured one kept.
+
+        Raises:
+            InvalidInputError: the state is another optimizer's.
+        """
+        if not state:
+            return
         _check_kind(state, self.name)
-        _warn_hparam(self.name, "lr", self.lr, state.scalars.get("lr"))
-        self.num_steps = int(state.scalars.get("num_steps", 0))
+        _warn_hparam(self.name, "lr", self.lr, state)
+        self.num_steps = int(state[STEPS_KEY]) if STEPS_KEY in state else 0
 
 
 class Nesterov:
@@ -162,25 +175,37 @@ class Nesterov:
         self.num_steps += 1
         return update
 
-    def state_dict(self) -> OuterState:
-        """Momentum buffers (cloned, on the CPU) and scalars."""
-        tensors = {name: b.detach().to("cpu", copy=True) for name, b in self._buf.items()}
-        scalars: dict[str, Scalar] = {
-            "kind": self.name,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "num_steps": self.num_steps,
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Momentum buffers (``buf.<name>``, cloned to the CPU), kind, lr, momentum, step count."""
+        out = {
+            KIND_KEY: _kind_tensor(self.name),
+            "lr": _scalar(self.lr),
+            "momentum": _scalar(self.momentum),
+            STEPS_KEY: _scalar(self.num_steps),
         }
-        return OuterState(tensors=tensors, scalars=scalars)
+        for name, b in self._buf.items():
+            out[BUF_PREFIX + name] = b.detach().to("cpu", copy=True)
+        return out
 
-    def load_state_dict(self, state: OuterState) -> None:
-        """Restore buffers and step count; different saved hyperparameters are logged, not used."""
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore buffers and step count; different saved hyperparameters are logged, not used.
+
+        Raises:
+            InvalidInputError: the state is another optimizer's, or holds unknown keys.
+            NonFiniteError: a buffer holds NaN or Inf.
+        """
+        if not state:
+            return
         _check_kind(state, self.name)
-        _warn_hparam(self.name, "lr", self.lr, state.scalars.get("lr"))
-        _warn_hparam(self.name, "momentum", self.momentum, state.scalars.get("momentum"))
-        bufs = _checked_fp32(state.tensors)
+        _warn_hparam(self.name, "lr", self.lr, state)
+        _warn_hparam(self.name, "momentum", self.momentum, state)
+        known = {KIND_KEY, "lr", "momentum", STEPS_KEY}
+        unknown = [k for k in state if k not in known and not k.startswith(BUF_PREFIX)]
+        if unknown:
+            raise InvalidInputError(f"unknown keys in nesterov state: {sorted(unknown)[:5]}")
+        bufs = _checked_fp32({k[len(BUF_PREFIX) :]: v for k, v in state.items() if k.startswith(BUF_PREFIX)})
         self._buf = {name: b.clone() for name, b in bufs.items()}
-        self.num_steps = int(state.scalars.get("num_steps", 0))
+        self.num_steps = int(state[STEPS_KEY]) if STEPS_KEY in state else 0
 
 
 OUTER_OPTIMIZERS: tuple[str, ...] = (FedAvg.name, Nesterov.name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dept_comm.errors import InvalidInputError, ManifestMismatchError, NonFiniteError
-from dept_comm.outer import FedAvg, Nesterov, OuterState, build_outer
+from dept_comm.outer import FedAvg, Nesterov, build_outer
 
 
 def _deltas(gen: torch.Generator, num_workers: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -68,9 +68,9 @@ def test_nesterov_first_step_and_new_tensor_mid_run() -> None:
     assert torch.allclose(u2["emb"], torch.full((3, 2), 0.7 * 1.9))
     assert torch.allclose(u2["w"], torch.full((2,), -0.7 * 0.9 * 0.9 * -2.0))
     # a tensor absent from a step keeps its buffer untouched
-    before = opt.state_dict().tensors["emb"].clone()
+    before = opt.state_dict()["buf.emb"].clone()
     opt.step({"w": torch.zeros(2)})
-    assert torch.equal(opt.state_dict().tensors["emb"], before)
+    assert torch.equal(opt.state_dict()["buf.emb"], before)
 
 
 def test_nesterov_rejects_shape_change_and_non_finite_without_changing_state() -> None:
@@ -82,19 +82,23 @@ def test_nesterov_rejects_shape_change_and_non_finite_without_changing_state() -
     with pytest.raises(NonFiniteError):
         opt.step({"w": torch.ones(2), "v": torch.tensor([float("nan")])})
     after = opt.state_dict()
-    assert after.scalars == saved.scalars
-    assert after.tensors.keys() == saved.tensors.keys()
-    assert torch.equal(after.tensors["w"], saved.tensors["w"])
+    assert after.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(after[k], saved[k]), k
 
 
-def test_state_dict_round_trip_continues_identically() -> None:
+def test_state_dict_is_safetensors_friendly_and_round_trips(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
     gen = torch.Generator().manual_seed(2)
     a = Nesterov(lr=0.4, momentum=0.9)
     for _ in range(3):
         a.step(_mean(_deltas(gen)))
-    state = a.state_dict()
+    save_file(a.state_dict(), tmp_path / "outer.safetensors")
+    state = load_file(tmp_path / "outer.safetensors")
+    assert set(state) == {"kind", "lr", "momentum", "num_steps", "buf.w", "buf.b"}
     b = Nesterov(lr=0.4, momentum=0.9)
-    b.load_state_dict(OuterState(tensors=dict(state.tensors), scalars=dict(state.scalars)))
+    b.load_state_dict(state)
     nxt = _mean(_deltas(gen))
     ua, ub = a.step(nxt), b.step(nxt)
     for k in ua:
@@ -102,11 +106,28 @@ def test_state_dict_round_trip_continues_identically() -> None:
     assert b.num_steps == 4
     with pytest.raises(InvalidInputError, match="nesterov"):
         FedAvg().load_state_dict(state)
+    with pytest.raises(InvalidInputError, match="fedavg"):
+        Nesterov().load_state_dict(FedAvg().state_dict())
+    with pytest.raises(InvalidInputError, match="unknown keys"):
+        Nesterov().load_state_dict({**state, "extra": torch.zeros(1)})
     f = FedAvg()
     f.step({"x": torch.ones(1)})
     g = FedAvg()
     g.load_state_dict(f.state_dict())
     assert g.num_steps == 1
+    fresh = Nesterov()
+    fresh.load_state_dict({})  # no saved state: stays fresh
+    assert fresh.num_steps == 0 and set(fresh.state_dict()) == {"kind", "lr", "momentum", "num_steps"}
+
+
+def test_changed_hyperparameters_are_logged_and_config_kept(caplog: pytest.LogCaptureFixture) -> None:
+    a = Nesterov(lr=0.7, momentum=0.9)
+    a.step({"w": torch.ones(2)})
+    b = Nesterov(lr=0.4, momentum=0.9)
+    with caplog.at_level("WARNING", logger="dept_comm.outer"):
+        b.load_state_dict(a.state_dict())
+    assert "outer_hparam_changed optimizer=nesterov key=lr saved=0.7 configured=0.4" in caplog.text
+    assert b.lr == 0.4
 
 
 def test_build_outer() -> None:
