@@ -54,9 +54,11 @@ def _unicode_to_byte() -> dict[str, int]:
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int, kind: str = "bpe") -> Tokenizer:
     """Train a byte-level tokenizer whose ids 0 and 1 are `<|endoftext|>` and `<|pad|>`.
 
-    Every byte is in the base alphabet, so any text encodes without an unknown token. Training is
-    deterministic for the same texts in the same order. A small corpus may yield fewer than
-    `vocab_size` tokens: always size embeddings with `tok.get_vocab_size()`.
+    Every byte is in the base alphabet, so any text encodes without an unknown token. BPE training
+    is deterministic for the same texts in the same order (also across processes). Unigram is not:
+    the tokenizers Unigram trainer's EM depends on Rust hash-map order, so its scores vary from run
+    to run; train it once and ship the file. A small corpus may yield fewer than `vocab_size`
+    tokens (sw alone gives 775): always size embeddings with `tok.get_vocab_size()`.
 
     Args:
         texts: training documents.
