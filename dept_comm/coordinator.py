@@ -12,10 +12,11 @@ Rules (RELIABILITY.md P3, P4, P6, P7, P9):
   deadline has not passed; other joiners wait for the next round. A worker silent for
   ``heartbeat_timeout_s`` (or one that called ``leave``) is offline and drops out of the set the
   round waits for; a committed contribution stays counted.
-- Closing. ``ready_to_close`` is true when at least ``min_workers`` committed and either the
-  round is full (``expected_workers`` workers were admitted) and every live member committed,
-  or the deadline passed. The deadline is ``round_timeout_s`` after the round got its first
-  member (a round nobody was admitted to never times out).
+- Closing. ``ready_to_close`` is true when at least ``min_workers`` committed and either every
+  live member committed, or the deadline passed. Early closing also needs ``expected_workers``
+  workers to have registered once, so that the first rounds wait for slow starters (until the
+  deadline) while a worker that died later is not waited for. The deadline is
+  ``round_timeout_s`` after the round got its first member (an empty round never times out).
 - Uploads. At most one open upload per worker; a new one supersedes the old. ``commit`` is
   idempotent per ``(worker, round)``. Uploads that can never count (superseded, expired after
   ``upload_ttl_s`` without activity, or left open when their round ended) are queued for
@@ -530,7 +531,8 @@ class RoundCoordinator:
 
     # -- closing -----------------------------------------------------------------------------
     def ready_to_close(self, now: float | None = None) -> bool:
-        """Quorum reached and either every live member of a full round committed, or the deadline passed."""
+        """Quorum reached and either every live member committed (once ``expected_workers`` have
+        registered), or the deadline passed."""
         with self._cond:
             now = self._now() if now is None else now
             self._sweep(now)
@@ -538,7 +540,7 @@ class RoundCoordinator:
             if self._finished or len(r.commits) < self.config.min_workers:
                 return False
             waiting = [m for m in self._live_members() if m not in r.commits]
-            if not waiting and len(r.members) >= self.config.expected_workers:
+            if not waiting and len(self._workers) >= self.config.expected_workers:
                 return True
             return r.deadline is not None and now >= r.deadline
 

@@ -160,7 +160,7 @@ def test_all_expected_committed_closes_early() -> None:
     c = make(clock)
     a = join(c, "a")
     c.commit(a, "ua", 0)
-    assert not c.ready_to_close()  # the round is not full: "b" is expected but has not joined
+    assert not c.ready_to_close()  # two workers are expected and only one has registered
     b = join(c, "b")
     assert c.worker(b).admitted_round == 0
     assert not c.ready_to_close()
@@ -171,6 +171,20 @@ def test_all_expected_committed_closes_early() -> None:
     with pytest.raises(StaleRoundError):
         c.close_round(b"d1", round_idx=0)  # closes exactly once
     assert c.current_round().version == 1
+
+
+def test_dead_worker_is_not_waited_for_in_later_rounds() -> None:
+    clock = Clock()
+    c = make(clock, heartbeat_timeout_s=30.0)
+    a, b = join(c, "a"), join(c, "b")
+    c.commit(a, "ua0", 0)
+    c.commit(b, "ub0", 0)
+    c.close_round(b"d1")
+    clock.t += 31
+    c.heartbeat(a)  # b died silently
+    assert not c.worker(b).online
+    c.commit(a, "ua1", 1)
+    assert c.ready_to_close()  # no need to wait for the deadline
 
 
 def test_quorum_close_at_deadline() -> None:
@@ -220,7 +234,7 @@ def test_heartbeat_expiry_drops_worker_from_expected_set() -> None:
     c.heartbeat(a)
     assert not c.ready_to_close()  # b is still expected
     clock.t += 11  # b silent for 31 s > 30 s
-    assert c.ready_to_close()  # a round that was full, every live member committed
+    assert c.ready_to_close()  # every live member committed
     assert not c.worker(b).online
     c.heartbeat(b)  # back before the close: expected again
     assert c.worker(b).online
