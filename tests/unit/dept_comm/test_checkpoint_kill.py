@@ -98,5 +98,5 @@ def test_sigkill_during_saves_never_corrupts_latest(tmp_path: Path) -> None:
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=30)
-    assert best > NUM_KILLS // 2, f"only {best + 1} steps were saved across {NUM_KILLS} runs"
+    assert best >= 5, f"only {best + 1} steps were saved across {NUM_KILLS} runs: the kills tested little"
     assert not [p for p in directory.rglob("*") if ".tmp-" in p.name]
