@@ -1,19 +1,34 @@
-"""Receiver limits and the check of one tensor header against them and an optional manifest."""
+"""One tensor on the wire: its payload and header, the receiver's limits and checks, its staging buffer."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Set
+import sys
+from collections.abc import Callable, Set
 from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import numpy as np
+import torch
+import xxhash
 
 from dept_comm.codecs import Codec, CodecParams, get_codec
-from dept_comm.digest import Group, Manifest, TensorSpec, dtype_from_pb
-from dept_comm.errors import ManifestMismatchError, SizeLimitError, StreamOrderError, UnknownCodecError
+from dept_comm.digest import Group, Manifest, TensorSpec, count_nonfinite, dtype_from_pb, dtype_to_pb
+from dept_comm.errors import (
+    CommitMismatchError,
+    ConflictError,
+    ManifestMismatchError,
+    NonFiniteError,
+    SizeLimitError,
+    StreamOrderError,
+    UnknownCodecError,
+)
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = [
     "DEFAULT_LIMITS",
     "DIGEST_BYTES",
+    "Encoder",
     "MAX_CHUNK_BYTES",
     "MIN_CHUNK_BYTES",
     "ReceiveLimits",
@@ -23,6 +38,65 @@ __all__ = [
 MIN_CHUNK_BYTES = 1 << 10
 MAX_CHUNK_BYTES = 2 << 20
 DIGEST_BYTES = 16  # xxh3-128
+
+# Codecs whose payload is the tensor's own little-endian bytes for these dtypes: the sender
+# slices the tensor's memory, the receiver stages chunks straight into the output tensor.
+SAME_BYTES: dict[str, frozenset[torch.dtype]] = {
+    "fp32": frozenset({torch.float32}),
+    "raw": frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64}),
+}
+
+
+def is_same_bytes(codec_name: str, dtype: torch.dtype) -> bool:
+    """Whether ``codec_name`` encodes ``dtype`` as the tensor's own bytes on this machine."""
+    return sys.byteorder == "little" and dtype in SAME_BYTES.get(codec_name, ())
+
+
+Encoder = Callable[[str, torch.Tensor, Codec], bytes]
+
+
+def is_codec(obj: Any) -> TypeGuard[Codec]:
+    """A codec instance, as opposed to a function choosing one per tensor."""
+    return hasattr(obj, "encode") and hasattr(obj, "max_encoded_bytes")
+
+
+def tensor_payload(name: str, x: torch.Tensor, codec: Codec, encoder: Encoder | None) -> bytes | memoryview:
+    """The encoded bytes of ``x``: ``encoder`` when given, else the codec's; for same-bytes codecs
+    on contiguous CPU tensors a view of the tensor's own memory (no copy)."""
+    if encoder is not None:
+        p = encoder(name, x, codec)
+    elif x.device.type == "cpu" and x.is_contiguous() and is_same_bytes(codec.name, x.dtype):
+        return x.detach().reshape(-1).view(torch.uint8).numpy().data
+    else:
+        p = codec.encode(x)
+    return p if isinstance(p, bytes) else bytes(p)  # protobuf bytes fields take bytes only
+
+
+def build_header(
+    name: str, x: torch.Tensor, codec: Codec, payload: bytes | memoryview, group: Group, chunk_bytes: int
+) -> pb.TensorHeader:
+    """The header of ``x`` sent as ``payload`` in chunks of ``chunk_bytes``.
+
+    The wire dtype is the one the receiver rebuilds: float32 for float codecs, the tensor's own
+    dtype for ``raw`` and for integer tensors.
+
+    Raises:
+        ManifestMismatchError: a dtype with no wire representation.
+    """
+    keep = codec.name == "raw" or not x.dtype.is_floating_point
+    p = codec.params
+    return pb.TensorHeader(
+        name=name,
+        shape=list(x.shape),
+        dtype=dtype_to_pb(x.dtype if keep else torch.float32),
+        codec=codec.name,
+        codec_params=pb.CodecParams(block_size=p.block_size, zstd_level=p.zstd_level, bits=p.bits),
+        raw_bytes=x.numel() * 4,
+        encoded_bytes=len(payload),
+        group=pb.TensorGroup.ValueType(group),
+        num_chunks=max(1, -(-len(payload) // chunk_bytes)),
+        digest=xxhash.xxh3_128_digest(payload),
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,3 +193,107 @@ def check_header(
     if len(h.digest) != DIGEST_BYTES:
         raise StreamOrderError(f"tensor {h.name!r} digest is {len(h.digest)} bytes, want {DIGEST_BYTES}")
     return spec, codec
+
+
+class TensorStage:
+    """One tensor's header facts and its encoded bytes, in a single buffer filled chunk by chunk.
+
+    Every chunk but the last has the size of the first (``step``), so chunk ``k`` lives at
+    ``k * step`` and chunks may arrive in any order. For same-bytes codecs the buffer is the
+    output tensor itself, so decoding copies nothing. Pages are touched only as data arrives.
+    """
+
+    __slots__ = ("spec", "codec", "encoded_bytes", "num_chunks", "digest", "step", "held", "_out", "_buf")
+
+    def __init__(self, spec: TensorSpec, codec: Codec, h: pb.TensorHeader, first_chunk_bytes: int) -> None:
+        """Check the chunk geometry and allocate the buffer.
+
+        Raises:
+            StreamOrderError: chunk sizes that cannot cut ``encoded_bytes`` into ``num_chunks``.
+            SizeLimitError: a same-bytes payload whose size is not the tensor's.
+        """
+        n, size = h.num_chunks, h.encoded_bytes
+        step = size if n == 1 else first_chunk_bytes
+        if n == 1 and first_chunk_bytes != size:
+            raise StreamOrderError(
+                f"tensor {h.name!r} is one chunk of {first_chunk_bytes} bytes, header says {size}"
+            )
+        if n > 1 and not (step >= MIN_CHUNK_BYTES and (n - 1) * step < size <= n * step):
+            raise StreamOrderError(
+                f"tensor {h.name!r}: {n} chunks of {step} bytes cannot hold encoded_bytes={size}"
+                f" (chunks must be >= {MIN_CHUNK_BYTES} bytes, all but the last of equal size)"
+            )
+        self.spec, self.codec = spec, codec
+        self.encoded_bytes, self.num_chunks, self.digest, self.step = size, n, h.digest, step
+        self.held: set[int] = set()
+        self._out: torch.Tensor | None = None
+        if is_same_bytes(codec.name, spec.dtype):
+            out = torch.empty(spec.shape, dtype=spec.dtype)
+            if out.numel() * out.element_size() != size:
+                need = out.numel() * out.element_size()
+                raise SizeLimitError(
+                    f"{codec.name} payload of {spec.name!r} is {size} bytes, shape needs {need}"
+                )
+            self._out = out
+            self._buf: np.ndarray | None = out.reshape(-1).view(torch.uint8).numpy()
+        else:
+            self._buf = torch.empty(size, dtype=torch.uint8).numpy()
+
+    def chunk_size(self, chunk_idx: int) -> int:
+        return self.step if chunk_idx < self.num_chunks - 1 else self.encoded_bytes - self.step * chunk_idx
+
+    def check(self, chunk_idx: int, num_bytes: int, seq: int) -> None:
+        """Raise unless chunk ``chunk_idx`` of ``num_bytes`` bytes may be stored."""
+        if chunk_idx >= self.num_chunks:
+            raise StreamOrderError(
+                f"chunk seq={seq} chunk_idx={chunk_idx} past num_chunks={self.num_chunks} of {self.spec.name!r}"
+            )
+        if chunk_idx in self.held:
+            raise ConflictError(
+                f"chunk seq={seq}: {self.spec.name!r} chunk {chunk_idx} already came as another seq"
+            )
+        want = self.chunk_size(chunk_idx)
+        if num_bytes != want:
+            raise SizeLimitError(
+                f"chunk seq={seq} of {self.spec.name!r} has {num_bytes} bytes, expected {want}"
+            )
+
+    def _slice(self, chunk_idx: int) -> np.ndarray:
+        if self._buf is None:
+            raise StreamOrderError(f"tensor {self.spec.name!r} was already decoded and released")
+        off = chunk_idx * self.step
+        return self._buf[off : off + self.chunk_size(chunk_idx)]
+
+    def store(self, chunk_idx: int, data: bytes) -> None:
+        self._slice(chunk_idx)[:] = np.frombuffer(data, dtype=np.uint8)
+        self.held.add(chunk_idx)
+
+    def view(self, chunk_idx: int) -> memoryview:
+        """The stored bytes of chunk ``chunk_idx``."""
+        return self._slice(chunk_idx).data
+
+    def decode(self, require_finite: bool) -> torch.Tensor:
+        """Verify the payload digest, decode, check the result, and release the buffer.
+
+        Raises:
+            CommitMismatchError: payload digest differs from the header's.
+            ManifestMismatchError: the codec returned another shape or dtype.
+            NonFiniteError: NaN/Inf when ``require_finite``.
+        """
+        spec, buf = self.spec, self._buf
+        if buf is None:
+            raise StreamOrderError(f"tensor {spec.name!r} was already decoded and released")
+        if xxhash.xxh3_128_digest(buf.data) != self.digest:
+            raise CommitMismatchError(f"tensor {spec.name!r} payload digest differs from its header")
+        out = self._out if self._out is not None else self.codec.decode(buf.data, spec.shape, spec.dtype)
+        if tuple(out.shape) != spec.shape or out.dtype != spec.dtype:
+            raise ManifestMismatchError(
+                f"codec {self.codec.name!r} decoded {spec.name!r} as {tuple(out.shape)} {out.dtype}, "
+                f"header says {spec.shape} {spec.dtype}"
+            )
+        if require_finite:
+            bad = count_nonfinite(out)
+            if bad:
+                raise NonFiniteError(f"tensor {spec.name!r} has {bad} non-finite values of {out.numel()}")
+        self._buf = self._out = None
+        return out

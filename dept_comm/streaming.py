@@ -4,28 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import google_crc32c
-import numpy as np
 import torch
 import xxhash
 
-from dept_comm.codecs import Codec, CodecParams
-from dept_comm.digest import Group, Manifest, TensorSpec, count_nonfinite, dtype_to_pb
+from dept_comm.codecs import Codec
+from dept_comm.digest import Group, Manifest, TensorSpec
 from dept_comm.errors import (
     ChecksumError,
     CommitMismatchError,
     ConflictError,
     ManifestMismatchError,
-    NonFiniteError,
     SizeLimitError,
     StreamOrderError,
 )
-from dept_comm.manifest import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, ReceiveLimits, check_header
+from dept_comm.manifest import (
+    DEFAULT_LIMITS,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
+    Encoder,
+    ReceiveLimits,
+    TensorStage,
+    build_header,
+    check_header,
+    is_codec,
+    tensor_payload,
+)
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
 
@@ -45,7 +53,6 @@ logger = logging.getLogger(__name__)
 MAX_SEQ_AHEAD = 1 << 16
 
 CodecChoice = Codec | Callable[[str, torch.Tensor], Codec]
-Encoder = Callable[[str, torch.Tensor, Codec], bytes]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -79,46 +86,6 @@ class StreamOpenInfo:
     @classmethod
     def from_pb(cls, m: pb.StreamOpen) -> StreamOpenInfo:
         return cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})
-
-
-def _resolve_codec(codec: CodecChoice, name: str, x: torch.Tensor) -> Codec:
-    if hasattr(codec, "encode") and hasattr(codec, "max_encoded_bytes"):
-        return codec  # type: ignore[return-value]
-    return codec(name, x)  # type: ignore[operator]
-
-
-def _wire_dtype(x: torch.Tensor, codec: Codec) -> torch.dtype:
-    # Float codecs rebuild float32; the raw codec (and any integer tensor) keeps its own dtype.
-    if codec.name == "raw" or not x.dtype.is_floating_point:
-        return x.dtype
-    return torch.float32
-
-
-# Codecs whose payload is the tensor's own little-endian bytes for these dtypes: encode_stream
-# slices the tensor's memory instead of copying it into one big payload first.
-_SAME_BYTES: dict[str, frozenset[torch.dtype]] = {
-    "fp32": frozenset({torch.float32}),
-    "raw": frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64}),
-}
-
-
-def _payload(name: str, x: torch.Tensor, codec: Codec, encoder: Encoder | None) -> bytes | memoryview:
-    if encoder is not None:
-        p = encoder(name, x, codec)
-    elif (
-        sys.byteorder == "little"
-        and x.device.type == "cpu"
-        and x.is_contiguous()
-        and x.dtype in _SAME_BYTES.get(codec.name, ())
-    ):
-        return x.detach().reshape(-1).view(torch.uint8).numpy().data
-    else:
-        p = codec.encode(x)
-    return p if isinstance(p, bytes) else bytes(p)  # protobuf bytes fields take bytes only
-
-
-def _params_pb(p: CodecParams) -> pb.CodecParams:
-    return pb.CodecParams(block_size=p.block_size, zstd_level=p.zstd_level, bits=p.bits)
 
 
 def encode_stream(
@@ -158,22 +125,10 @@ def encode_stream(
     yield pb.StreamMessage(open=info.to_pb())
     for tensor_idx, (name, x) in enumerate(tensors.items()):
         group = groups if isinstance(groups, Group) else groups[name]
-        c = _resolve_codec(codec, name, x)
-        payload = _payload(name, x, c, encoder)
-        size = len(payload)
-        num_chunks = max(1, -(-size // step))
-        header = pb.TensorHeader(
-            name=name,
-            shape=list(x.shape),
-            dtype=dtype_to_pb(_wire_dtype(x, c)),
-            codec=c.name,
-            codec_params=_params_pb(c.params),
-            raw_bytes=x.numel() * 4,
-            encoded_bytes=size,
-            group=pb.TensorGroup.ValueType(group),
-            num_chunks=num_chunks,
-            digest=xxhash.xxh3_128_digest(payload),
-        )
+        c = codec if is_codec(codec) else codec(name, x)  # type: ignore[operator]
+        payload = tensor_payload(name, x, c, encoder)
+        header = build_header(name, x, c, payload, group, step)
+        num_chunks = header.num_chunks
         stream_hash.update(payload)
         for chunk_idx in range(num_chunks):
             data = bytes(payload[chunk_idx * step : (chunk_idx + 1) * step])
@@ -194,21 +149,6 @@ def encode_stream(
         upload_id=upload_id, num_chunks=seq, num_tensors=len(tensors), digest=stream_hash.digest()
     )
     yield pb.StreamMessage(commit=commit)
-
-
-class _Staged:
-    """One tensor's header facts and the encoded chunks held so far."""
-
-    __slots__ = ("spec", "codec", "encoded_bytes", "num_chunks", "digest", "chunks", "held_bytes")
-
-    def __init__(self, spec: TensorSpec, codec: Codec, header: pb.TensorHeader) -> None:
-        self.spec = spec
-        self.codec = codec
-        self.encoded_bytes = header.encoded_bytes
-        self.num_chunks = header.num_chunks
-        self.digest = header.digest
-        self.chunks: dict[int, bytes] = {}
-        self.held_bytes = 0
 
 
 class StreamReceiver:
@@ -240,7 +180,7 @@ class StreamReceiver:
         self._lock = threading.Lock()
         self._open: pb.StreamOpen | None = None
         self._info: StreamOpenInfo | None = None
-        self._tensors: dict[int, _Staged] = {}
+        self._tensors: dict[int, TensorStage] = {}
         self._names: set[str] = set()
         self._held: dict[int, tuple[int, int]] = {}  # seq -> (tensor_idx, chunk_idx)
         self._max_seq = -1
@@ -250,6 +190,7 @@ class StreamReceiver:
         self._hashed_upto = 0  # every seq below this is folded into _hash
         self._commit: pb.Commit | None = None
         self._discarded = False
+        self._decoding = False
 
     @property
     def open_info(self) -> StreamOpenInfo | None:
@@ -331,10 +272,10 @@ class StreamReceiver:
             raise StreamOrderError(
                 f"chunk seq={c.seq} chunk_idx={c.chunk_idx}: header must be set iff chunk_idx == 0"
             )
-        staged = self._tensors.get(c.tensor_idx)
+        stage = self._tensors.get(c.tensor_idx)
         new = None
         if has_header:
-            if staged is not None:
+            if stage is not None:
                 raise ConflictError(f"tensor_idx={c.tensor_idx} already has a header (chunk seq={c.seq})")
             spec, codec = check_header(
                 c.header,
@@ -343,46 +284,37 @@ class StreamReceiver:
                 seen_names=self._names,
                 raw_bytes_so_far=self._raw_total,
             )
-            new = staged = _Staged(spec, codec, c.header)
-        elif staged is None:
+            new = stage = TensorStage(spec, codec, c.header, len(data))
+        elif stage is None:
             raise StreamOrderError(
                 f"chunk seq={c.seq} of tensor_idx={c.tensor_idx} before that tensor's header"
             )
-        if c.chunk_idx >= staged.num_chunks:
-            raise StreamOrderError(
-                f"chunk seq={c.seq} chunk_idx={c.chunk_idx} past num_chunks={staged.num_chunks} of {staged.spec.name!r}"
-            )
-        if c.chunk_idx in staged.chunks:
-            raise ConflictError(
-                f"chunk seq={c.seq}: {staged.spec.name!r} chunk {c.chunk_idx} already came as another seq"
-            )
-        if staged.held_bytes + len(data) > staged.encoded_bytes:
-            raise SizeLimitError(
-                f"{staged.spec.name!r} chunks reach {staged.held_bytes + len(data)} bytes, "
-                f"header declares encoded_bytes={staged.encoded_bytes}"
-            )
-        # All checks passed: store.
+        stage.check(c.chunk_idx, len(data), c.seq)
+        # Every check passed: store.
         if new is not None:
             self._tensors[c.tensor_idx] = new
             self._names.add(new.spec.name)
             self._raw_total += new.spec.numel * 4
-        staged.chunks[c.chunk_idx] = data
-        staged.held_bytes += len(data)
+        stage.store(c.chunk_idx, data)
         self._staged_bytes += len(data)
         self._held[c.seq] = (c.tensor_idx, c.chunk_idx)
         self._max_seq = max(self._max_seq, c.seq)
-        self._advance_hash()
+        if c.seq == self._hashed_upto:  # in order: hash the bytes at hand
+            self._hash.update(data)
+            self._hashed_upto += 1
+            self._advance_hash()
 
     def _check_duplicate(self, c: pb.TensorChunk, held: tuple[int, int], data: bytes) -> None:
-        staged = self._tensors[held[0]]
-        same = (c.tensor_idx, c.chunk_idx) == held and staged.chunks[held[1]] == data
+        if self._decoding:
+            raise StreamOrderError(f"chunk seq={c.seq} after the tensors were decoded")
+        same = (c.tensor_idx, c.chunk_idx) == held and self._tensors[held[0]].view(held[1]) == data
         if not same:
             raise ConflictError(f"chunk seq={c.seq} resent with different content")
 
     def _advance_hash(self) -> None:
         while self._hashed_upto in self._held:
             t_idx, c_idx = self._held[self._hashed_upto]
-            self._hash.update(self._tensors[t_idx].chunks[c_idx])
+            self._hash.update(self._tensors[t_idx].view(c_idx))
             self._hashed_upto += 1
 
     def missing_seqs(self) -> list[int]:
@@ -447,10 +379,9 @@ class StreamReceiver:
                 f"{' ...' if len(missing) > 10 else ''}"
             )
         for t in self._tensors.values():
-            if len(t.chunks) != t.num_chunks or t.held_bytes != t.encoded_bytes:
+            if len(t.held) != t.num_chunks:
                 raise CommitMismatchError(
-                    f"tensor {t.spec.name!r} holds {len(t.chunks)}/{t.num_chunks} chunks, "
-                    f"{t.held_bytes}/{t.encoded_bytes} bytes"
+                    f"tensor {t.spec.name!r} holds {len(t.held)} of {t.num_chunks} chunks"
                 )
         assert self._hashed_upto == total, "all seqs are held, so all are hashed"
         digest = self._hash.digest()
@@ -460,59 +391,28 @@ class StreamReceiver:
         self._commit.CopyFrom(c)
 
     def tensors(self) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-        """Decode the committed tensors one at a time, in stream order.
+        """Decode the committed tensors one at a time, in stream order; each is decoded once.
+
+        A tensor's staging buffer is released (or, for same-bytes codecs, becomes the tensor)
+        as it is yielded, so a second call raises.
 
         Raises:
-            StreamOrderError: not committed.
+            StreamOrderError: not committed, or already decoded.
             CommitMismatchError: a tensor's payload digest differs from its header.
             NonFiniteError: a decoded tensor holds NaN/Inf (when the limits require finite values).
         """
-        self._check_live()
-        if self._commit is None:
-            raise StreamOrderError("tensors() before a verified commit")
+        with self._lock:
+            self._check_live()
+            if self._commit is None:
+                raise StreamOrderError("tensors() before a verified commit")
+            if self._decoding:
+                raise StreamOrderError("tensors() called twice; each tensor is decoded once")
+            self._decoding = True
         for idx in range(len(self._tensors)):
-            yield self._decode(self._tensors[idx])
-
-    def _decode(self, t: _Staged) -> tuple[TensorSpec, torch.Tensor]:
-        spec = t.spec
-        if sys.byteorder == "little" and spec.dtype in _SAME_BYTES.get(t.codec.name, ()):
-            out = self._assemble(t)
-        else:
-            data = t.chunks[0] if t.num_chunks == 1 else b"".join(t.chunks[i] for i in range(t.num_chunks))
-            if xxhash.xxh3_128_digest(data) != t.digest:
-                raise CommitMismatchError(f"tensor {spec.name!r} payload digest differs from its header")
-            out = t.codec.decode(data, spec.shape, spec.dtype)
-        if tuple(out.shape) != spec.shape or out.dtype != spec.dtype:
-            raise ManifestMismatchError(
-                f"codec {t.codec.name!r} decoded {spec.name!r} as {tuple(out.shape)} {out.dtype}, "
-                f"header says {spec.shape} {spec.dtype}"
-            )
-        if self._limits.require_finite:
-            bad = count_nonfinite(out)
-            if bad:
-                raise NonFiniteError(f"tensor {spec.name!r} has {bad} non-finite values of {out.numel()}")
-        return spec, out
-
-    @staticmethod
-    def _assemble(t: _Staged) -> torch.Tensor:
-        # The payload is the tensor's bytes: copy the chunks straight into the output (one copy).
-        out = torch.empty(t.spec.shape, dtype=t.spec.dtype)
-        size = out.numel() * out.element_size()
-        if t.encoded_bytes != size:
-            raise SizeLimitError(
-                f"{t.codec.name} payload of {t.spec.name!r} is {t.encoded_bytes} bytes, needs {size}"
-            )
-        buf = out.reshape(-1).view(torch.uint8).numpy()
-        h = xxhash.xxh3_128()
-        off = 0
-        for i in range(t.num_chunks):
-            data = t.chunks[i]
-            buf[off : off + len(data)] = np.frombuffer(data, dtype=np.uint8)
-            h.update(data)
-            off += len(data)
-        if h.digest() != t.digest:
-            raise CommitMismatchError(f"tensor {t.spec.name!r} payload digest differs from its header")
-        return out
+            stage = self._tensors[idx]
+            out = stage.decode(self._limits.require_finite)
+            self._staged_bytes -= stage.encoded_bytes
+            yield stage.spec, out
 
     def decode_all(self) -> dict[str, torch.Tensor]:
         """Decode and validate every tensor, then return them by name (nothing on any failure)."""
@@ -523,6 +423,7 @@ class StreamReceiver:
         with self._lock:
             self._tensors.clear()
             self._held.clear()
+            self._names.clear()
             self._staged_bytes = 0
             self._discarded = True
 
