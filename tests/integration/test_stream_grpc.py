@@ -1,0 +1,291 @@
+"""Tensor streams through a real loopback gRPC server: push, pull, metering, cuts, status mapping."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from dept_comm.accounting import ByteMeter, metered
+from dept_comm.channel import (
+    BindError,
+    abort_with,
+    bind,
+    build_server,
+    call_with_retry,
+    channel_options,
+    chunk_timeout_s,
+    error_from_rpc,
+    server_options,
+    status_for,
+)
+from dept_comm.codecs import get_codec
+from dept_comm.digest import Group, manifest_of, tensors_digest
+from dept_comm.errors import (
+    ChecksumError,
+    CommitMismatchError,
+    DeptError,
+    ManifestMismatchError,
+    StaleRoundError,
+)
+from dept_comm.pb import service_pb2, service_pb2_grpc
+from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.streaming import StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream, receive_stream
+
+TIMEOUT_S = 30
+
+
+def _body():
+    g = torch.Generator().manual_seed(7)
+    return {
+        "blocks.0.w": torch.randn(700, 900, generator=g),  # 2.5 MB: several chunks
+        "blocks.0.b": torch.randn(900, generator=g),
+        "emb": torch.randn(300, 64, generator=g),
+        "step": torch.tensor([12], dtype=torch.int64),
+    }
+
+
+GROUPS = {"blocks.0.w": Group.BODY, "blocks.0.b": Group.BODY, "emb": Group.EMBEDDINGS, "step": Group.OTHER}
+
+
+def _codec(name, x):
+    return get_codec("fp32" if x.is_floating_point() else "raw")
+
+
+class Servicer(service_pb2_grpc.ParameterServerServicer):
+    """Test adapter: stage uploads, keep committed ones, stream the body; records what it saw."""
+
+    def __init__(self, body):
+        self.body = body
+        self.manifest = manifest_of(body, GROUPS)
+        self.committed = {}  # upload_id -> tensors
+        self.outcomes = {}  # upload_id -> "committed" | error class name
+        self.meters = {}
+        self.chunks_seen = threading.Semaphore(0)
+        self.finished = threading.Event()
+        self.calls = 0
+
+    def PushUpdate(self, request_iterator, context):
+        meter = ByteMeter()
+        rx = StreamReceiver(manifest=self.manifest)
+        upload_id = "?"
+        try:
+            try:
+                for msg in metered(request_iterator, meter):
+                    rx.add(msg)
+                    if rx.open_info is not None:
+                        upload_id = rx.open_info.upload_id
+                        self.meters[upload_id] = meter
+                    if msg.WhichOneof("kind") == "chunk":
+                        self.chunks_seen.release()
+                if not rx.committed:
+                    raise CommitMismatchError(f"upload {upload_id} ended without a commit")
+                self.committed[upload_id] = rx.decode_all()
+                self.outcomes[upload_id] = "committed"
+                return rx.push_receipt()
+            except DeptError as err:
+                self.outcomes[upload_id] = type(err).__name__
+                abort_with(context, err)
+        except grpc.RpcError:  # the client went away mid-stream
+            self.outcomes[upload_id] = "cut"
+            raise
+        finally:
+            self.finished.set()
+
+    def PullBody(self, request, context):
+        if request.round_idx == 99:
+            abort_with(context, StaleRoundError("round 99 is closed; current round is 3"))
+        meter = ByteMeter()
+        self.meters[f"pull-{request.worker_id}"] = meter
+        info = StreamOpenInfo(upload_id=f"pull-{request.worker_id}", sender_id="server", target_version=4)
+        yield from metered(encode_stream(self.body, open_info=info, codec=_codec, groups=GROUPS), meter)
+
+    def Heartbeat(self, request, context):
+        self.calls += 1
+        if self.calls <= 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        if request.step == 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad step")
+        return service_pb2.HeartbeatReply()
+
+
+@pytest.fixture
+def env():
+    servicer = Servicer(_body())
+    server = build_server(4)
+    service_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    port = bind(server, "127.0.0.1", 0)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+    try:
+        yield servicer, service_pb2_grpc.ParameterServerStub(channel), port
+    finally:
+        channel.close()
+        server.stop(None).wait()
+
+
+def _upload(upload_id, tensors, chunk_bytes=1 << 20):
+    info = StreamOpenInfo(upload_id=upload_id, sender_id="w0", round_idx=1, is_delta=True)
+    return encode_stream(
+        tensors, open_info=info, codec=_codec, groups=GROUPS, config=StreamConfig(chunk_bytes=chunk_bytes)
+    )
+
+
+@pytest.mark.parametrize("chunk_bytes", [64 << 10, 1 << 20, 2 << 20])
+def test_push_and_pull_with_matching_meters(env, chunk_bytes):
+    servicer, stub, _ = env
+    update = {k: v * 0.5 for k, v in servicer.body.items()}
+    update["step"] = servicer.body["step"]
+    client_up = ByteMeter()
+    receipt = stub.PushUpdate(metered(_upload("u1", update, chunk_bytes), client_up), timeout=TIMEOUT_S)
+    assert receipt.upload_id == "u1" and receipt.digest and not receipt.missing_seqs
+    assert tensors_digest(servicer.committed["u1"]) == tensors_digest(update)
+    assert servicer.meters["u1"].by_group() == client_up.by_group()
+    assert set(client_up.by_group()) == {"body", "embeddings", "other", "control"}
+
+    client_down = ByteMeter()
+    info, pulled = receive_stream(
+        metered(stub.PullBody(service_pb2.PullRequest(worker_id="w0"), timeout=TIMEOUT_S), client_down),
+        manifest=servicer.manifest,
+    )
+    assert info.target_version == 4 and info.sender_id == "server"
+    assert tensors_digest(pulled) == tensors_digest(servicer.body)
+    assert servicer.meters["pull-w0"].by_group() == client_down.by_group()
+    assert client_down.total().raw_bytes == 4 * sum(t.numel() for t in servicer.body.values())
+
+
+def test_plain_default_channel_works_with_project_chunking(env):
+    servicer, _, port = env
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # grpc defaults: 4 MiB receive limit
+        stub = service_pb2_grpc.ParameterServerStub(channel)
+        stub.PushUpdate(_upload("u-default", servicer.body, 2 << 20), timeout=TIMEOUT_S)
+        _, pulled = receive_stream(stub.PullBody(service_pb2.PullRequest(worker_id="d"), timeout=TIMEOUT_S))
+    assert servicer.outcomes["u-default"] == "committed"
+    assert tensors_digest(pulled) == tensors_digest(servicer.body)
+
+
+def test_cancelled_push_never_yields_tensors(env):
+    servicer, stub, _ = env
+    release = threading.Event()
+
+    def cut_stream():
+        msgs = _upload("u-cut", servicer.body, 64 << 10)
+        for i, msg in enumerate(msgs):
+            if i == 6:
+                release.wait(TIMEOUT_S)  # hold the stream open mid-way until cancelled
+                return
+            yield msg
+
+    future = stub.PushUpdate.future(cut_stream(), timeout=TIMEOUT_S)
+    for _ in range(3):
+        assert servicer.chunks_seen.acquire(timeout=TIMEOUT_S)
+    future.cancel()
+    release.set()
+    assert servicer.finished.wait(TIMEOUT_S)
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    assert "u-cut" not in servicer.committed
+    assert servicer.outcomes["u-cut"] in ("cut", "CommitMismatchError")
+
+
+def test_stream_ending_without_commit_is_refused(env):
+    servicer, stub, _ = env
+    msgs = list(_upload("u-short", servicer.body))[:-1]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PushUpdate(iter(msgs), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(error_from_rpc(info.value), CommitMismatchError)
+    assert "u-short" not in servicer.committed
+
+
+def test_server_errors_map_back_to_their_classes(env):
+    servicer, stub, _ = env
+    msgs = list(_upload("u-bad", servicer.body))
+    data = bytearray(msgs[2].chunk.data)
+    data[5] ^= 0x80
+    msgs[2].chunk.data = bytes(data)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PushUpdate(iter(msgs), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert isinstance(error_from_rpc(info.value), ChecksumError)
+
+    wrong = {**servicer.body, "emb": torch.zeros(301, 64)}
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PushUpdate(_upload("u-shape", wrong), timeout=TIMEOUT_S)
+    err = error_from_rpc(info.value)
+    assert isinstance(err, ManifestMismatchError) and "emb" in str(err)
+
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.PullBody(service_pb2.PullRequest(round_idx=99), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    err = error_from_rpc(info.value)
+    assert type(err) is StaleRoundError and str(err) == "round 99 is closed; current round is 3"
+    assert not servicer.committed
+
+
+def test_call_with_retry_retries_only_transient_codes(env):
+    _, stub, _ = env
+    delays = []
+    reply = call_with_retry(
+        lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(step=5), timeout=TIMEOUT_S),
+        base_delay_s=0.5,
+        max_delay_s=0.75,
+        sleep=delays.append,
+    )
+    assert isinstance(reply, service_pb2.HeartbeatReply)
+    assert len(delays) == 2 and 0 <= delays[0] <= 0.5 and 0 <= delays[1] <= 0.75
+    delays.clear()
+    with pytest.raises(grpc.RpcError) as info:
+        call_with_retry(
+            lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(step=1), timeout=TIMEOUT_S),
+            sleep=delays.append,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and delays == []
+    assert error_from_rpc(info.value) is not None  # an app-only code maps to its base class
+
+
+def test_call_with_retry_gives_up_after_attempts():
+    calls = []
+    with grpc.insecure_channel("127.0.0.1:1") as channel:  # nothing listens on port 1
+        stub = service_pb2_grpc.ParameterServerStub(channel)
+
+        def call():
+            calls.append(1)
+            return stub.Heartbeat(service_pb2.HeartbeatRequest(), timeout=2)
+
+        with pytest.raises(grpc.RpcError) as info:
+            call_with_retry(call, attempts=3, sleep=lambda s: None)
+    assert len(calls) == 3
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert error_from_rpc(info.value) is None
+
+
+def test_second_server_on_a_taken_port_fails_loudly(env):
+    _, _, port = env
+    other = build_server(1)
+    with pytest.raises(BindError, match=str(port)):
+        bind(other, "127.0.0.1", port)
+    other.stop(None)
+
+
+def test_option_and_status_helpers():
+    opts = dict(server_options())
+    assert opts["grpc.so_reuseport"] == 0
+    assert (2 << 20) < opts["grpc.max_receive_message_length"] < (4 << 20)
+    client = dict(channel_options())
+    assert opts["grpc.http2.min_ping_interval_without_data_ms"] <= client["grpc.keepalive_time_ms"]
+    assert status_for(ChecksumError("x")) == grpc.StatusCode.DATA_LOSS
+    assert status_for(ManifestMismatchError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert chunk_timeout_s(0) == 5.0 and chunk_timeout_s(10**12) == 300.0
+    assert chunk_timeout_s(10 << 20, min_bandwidth_bps=1e6) == pytest.approx(3 * (10 << 20) / 1e6)
+    with pytest.raises(ValueError):
+        build_server(4, maximum_concurrent_rpcs=8)
+
+
+def test_pb_message_is_unchanged_by_metering():
+    msg = pb.StreamMessage(open=pb.StreamOpen(upload_id="x"))
+    meter = ByteMeter()
+    assert list(metered([msg], meter)) == [msg]
+    assert meter.total().payload_bytes == msg.ByteSize()
