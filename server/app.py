@@ -1,0 +1,418 @@
+"""ServerApp: the coordinator's state and round logic, with no gRPC types beyond protobuf messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dept_comm.accounting import ByteMeter, RoundMetrics, WorkerRoundMetrics, metered
+from dept_comm.checkpoint import CheckpointStore
+from dept_comm.coordinator import CoordinatorConfig, RoundCoordinator
+from dept_comm.errors import (
+    ManifestMismatchError,
+    NotFoundError,
+    PermissionDeniedError,
+    StaleRoundError,
+    StreamOrderError,
+)
+from dept_comm.outer import build_outer
+from dept_comm.pb import service_pb2, tensor_pb2
+from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
+
+from .aggregate import RoundAggregate
+from .config import ServerConfig
+from .initial import initial_shared_tensors
+from .model_state import EMB_WEIGHT, GlobalModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRound:
+    """Per worker, per round: bytes each way and what it reported."""
+
+    source: str
+    up: ByteMeter = field(default_factory=ByteMeter)
+    down: ByteMeter = field(default_factory=ByteMeter)
+    train_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ServerApp:
+    """Everything dept-server does between decoding a request and encoding the reply."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
+        shared, vocab_digest, self.run_info = initial_shared_tensors(config)
+        self.vocab_digest = vocab_digest
+        outer = build_outer(config.outer, config.outer_lr, config.outer_momentum)
+        self.model = GlobalModel(variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down)
+        self.coordinator = RoundCoordinator(
+            CoordinatorConfig(
+                num_rounds=config.rounds,
+                expected_workers=config.workers,
+                min_workers=config.quorum,
+                round_timeout_s=config.round_timeout_s,
+                heartbeat_timeout_s=config.heartbeat_timeout_s,
+            )
+        )
+        trim = tuple(shared[EMB_WEIGHT].shape) if config.variant == "trim" else None
+        self._aggregate = RoundAggregate(
+            {k: tuple(v.shape) for k, v in shared.items()},
+            trim_rows=(int(trim[0]), int(trim[1])) if trim else None,
+        )
+        self._stream_config = StreamConfig()
+        self._lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._uploads: dict[str, tuple[str, int, StreamReceiver]] = {}  # upload_id -> (worker, round, rx)
+        self._committed: dict[tuple[str, int], str] = {}  # (worker, round) -> upload_id
+        self._row_ids: dict[str, torch.Tensor] = {}
+        self._sources: dict[str, str] = {}
+        self._rounds: dict[int, dict[str, WorkerRound]] = {}
+        self._round_started = time.monotonic()
+        self.records: list[RoundMetrics] = []
+        self.final_eval: dict[str, dict[str, float]] = {}
+        self._left: set[str] = set()
+        self._left_cond = threading.Condition(self._lock)
+        self.finished = threading.Event()
+        if config.resume:
+            self._resume()
+
+    # -- startup -----------------------------------------------------------------------------
+    def _resume(self) -> None:
+        assert self._store is not None
+        ckpt = self._store.latest()
+        if ckpt is None:
+            logger.warning("resume requested but no checkpoint in %s; starting fresh", self.config.checkpoint_dir)
+            return
+        meta = ckpt.meta
+        self.model.restore(ckpt.tensors, version=int(meta["version"]))
+        if self.model.digest.hex() != meta["digest"]:
+            raise ManifestMismatchError("checkpoint digest does not match its tensors")
+        self.coordinator.restore(int(meta["round_idx"]), int(meta["version"]), self.model.digest)
+        self.records = [RoundMetrics.from_dict(r) for r in meta.get("records", [])]
+        if self.config.metrics_path is not None:
+            tmp = self.config.metrics_path.with_name(self.config.metrics_path.name + ".tmp")
+            tmp.write_text("".join(r.to_json_line() + "\n" for r in self.records))
+            os.replace(tmp, self.config.metrics_path)
+        logger.info("resumed round=%d version=%d", meta["round_idx"], meta["version"])
+
+    # -- round info --------------------------------------------------------------------------
+    def round_info(self, worker_id: str | None = None) -> service_pb2.RoundInfo:
+        state = self.coordinator.current_round()
+        committed = worker_id is not None and (worker_id, state.round_idx) in self._committed
+        return service_pb2.RoundInfo(
+            round_idx=state.round_idx,
+            version=self.model.version,
+            body_digest=self.model.digest,
+            deadline_unix_ms=int(state.deadline_unix_s * 1000) if state.deadline_unix_s else 0,
+            state=service_pb2.RUN_STATE_FINISHED if state.finished else service_pb2.RUN_STATE_RUNNING,
+            committed=committed,
+            num_rounds=self.config.rounds,
+        )
+
+    def _worker_round(self, worker_id: str, round_idx: int) -> WorkerRound:
+        with self._lock:
+            per_round = self._rounds.setdefault(round_idx, {})
+            if worker_id not in per_round:
+                per_round[worker_id] = WorkerRound(source=self._sources.get(worker_id, "?"))
+            return per_round[worker_id]
+
+    # -- RPC bodies --------------------------------------------------------------------------
+    def join(self, req: service_pb2.JoinRequest) -> service_pb2.JoinReply:
+        variant = service_pb2.Variant.Name(req.variant).removeprefix("VARIANT_").lower().replace("_", "-")
+        if variant == "unspecified":  # the worker follows whatever variant the server runs
+            variant = self.config.variant
+        if variant != self.config.variant:
+            raise ManifestMismatchError(f"server runs variant {self.config.variant}, worker asked for {variant}")
+        if self.config.shares_embeddings and req.vocab_digest.hex() != self.vocab_digest:
+            raise ManifestMismatchError(
+                f"vocabulary digest mismatch: the server's global tokenizer is {self.vocab_digest[:16]}...,"
+                f" the worker's is {req.vocab_digest.hex()[:16]}...; pass the server's --vocab file to the worker"
+            )
+        for codec in (self.config.codec_up, self.config.codec_down):
+            if req.codecs and codec not in req.codecs:
+                raise ManifestMismatchError(f"worker cannot use codec {codec!r}; it offers {list(req.codecs)}")
+        name = req.worker_name or req.source_id
+        info = self.coordinator.join(name, req.source_id, variant, req.vocab_digest.hex())
+        with self._lock:
+            self._sources[info.worker_id] = req.source_id
+        logger.info("join worker=%s source=%s", info.worker_id, req.source_id)
+        return service_pb2.JoinReply(
+            worker_id=info.worker_id,
+            run_config_json=json.dumps(self.run_info),
+            round=self.round_info(info.worker_id),
+            codec_up=self.config.codec_up,
+            codec_down=self.config.codec_down,
+        )
+
+    def _known(self, worker_id: str) -> None:
+        if worker_id not in self._sources:
+            raise NotFoundError(f"unknown worker {worker_id!r}; join first")
+
+    def pull(self, req: service_pb2.PullRequest) -> Iterator[tensor_pb2.StreamMessage]:
+        self._known(req.worker_id)
+        row_ids = None
+        if self.config.variant == "trim":
+            if req.embedding_rows:
+                row_ids = self.model.check_row_ids(torch.tensor(list(req.embedding_rows), dtype=torch.int64))
+                with self._lock:
+                    self._row_ids[req.worker_id] = row_ids
+            else:
+                row_ids = self._row_ids.get(req.worker_id)
+        with self._close_lock:  # a consistent snapshot: no round closes mid-plan
+            plan = self.model.pull_plan(have_version=req.have_version, full=req.full, row_ids=row_ids)
+            round_idx = self.coordinator.current_round().round_idx
+            open_info = StreamOpenInfo(
+                upload_id=f"pull-{uuid.uuid4().hex}",
+                sender_id="server",
+                round_idx=round_idx,
+                base_version=plan.base_version,
+                base_digest=plan.base_digest,
+                target_version=plan.target_version,
+                target_digest=plan.target_digest,
+                is_delta=plan.is_delta,
+            )
+            messages = list(
+                encode_stream(
+                    plan.tensors,
+                    open_info=open_info,
+                    codec=plan.codec_for,
+                    groups=plan.groups,
+                    config=self._stream_config,
+                    encoder=plan.encoder,
+                )
+            )
+        meter = self._worker_round(req.worker_id, round_idx).down
+        return metered(iter(messages), meter)
+
+    def push(self, messages: Iterable[tensor_pb2.StreamMessage]) -> service_pb2.PushReceipt:
+        it = iter(messages)
+        first = next(it, None)
+        if first is None or first.WhichOneof("kind") != "open":
+            raise StreamOrderError("an upload must start with a StreamOpen message")
+        info = StreamOpenInfo.from_pb(first.open)
+        worker_id = info.sender_id
+        self._known(worker_id)
+        self.coordinator.check_push(worker_id, info.round_idx)
+        if info.base_digest != self.model.digest or info.base_version != self.model.version:
+            raise StaleRoundError(
+                f"update trained from version {info.base_version}, current is {self.model.version}; re-pull"
+            )
+        meter = self._worker_round(worker_id, info.round_idx).up
+        meter.observe(first)
+        with self._lock:
+            entry = self._uploads.get(info.upload_id)
+            if entry is not None and entry[0] != worker_id:
+                raise PermissionDeniedError("upload id belongs to another worker")
+            if entry is None:
+                # One open upload per worker: a new upload id supersedes (and frees) the old one.
+                for uid in [u for u, e in self._uploads.items() if e[0] == worker_id]:
+                    del self._uploads[uid]
+                manifest = self.model.upload_manifest(self._row_ids.get(worker_id))
+                limits = ReceiveLimits(
+                    max_tensors=len(manifest), allowed_codecs=frozenset({self.config.codec_up, "raw", "fp32"})
+                )
+                rx = StreamReceiver(manifest=manifest, limits=limits, expected_upload_id=info.upload_id)
+                rx.add(first)
+                entry = (worker_id, info.round_idx, rx)
+                self._uploads[info.upload_id] = entry
+        rx = entry[2]
+        for msg in metered(it, meter):
+            kind = msg.WhichOneof("kind")
+            if kind == "open":
+                raise StreamOrderError("a second StreamOpen inside one upload stream")
+            if kind == "commit":
+                raise StreamOrderError("send the commit with CommitUpdate, not inside the stream")
+            rx.add(msg)
+        return self._receipt(info.upload_id, rx)
+
+    @staticmethod
+    def _receipt(upload_id: str, rx: StreamReceiver) -> service_pb2.PushReceipt:
+        held, missing = rx.receipt()
+        return service_pb2.PushReceipt(upload_id=upload_id, num_chunks=held, missing_seqs=missing)
+
+    def query_upload(self, req: service_pb2.QueryUploadRequest) -> service_pb2.PushReceipt:
+        entry = self._uploads.get(req.upload_id)
+        if entry is None:
+            raise NotFoundError(f"no open upload {req.upload_id!r}")
+        if entry[0] != req.worker_id:
+            raise PermissionDeniedError("upload id belongs to another worker")
+        return self._receipt(req.upload_id, entry[2])
+
+    def commit(self, req: service_pb2.CommitUpdateRequest) -> service_pb2.CommitReply:
+        self._known(req.worker_id)
+        upload_id = req.commit.upload_id
+        key = (req.worker_id, req.round_idx)
+        if self._committed.get(key) == upload_id:  # a retried commit: same answer, counted once
+            return service_pb2.CommitReply(upload_id=upload_id, round_idx=req.round_idx, accepted=True)
+        self.coordinator.check_push(req.worker_id, req.round_idx)
+        entry = self._uploads.get(upload_id)
+        if entry is None:
+            raise NotFoundError(f"no open upload {upload_id!r}; push it first")
+        worker_id, round_idx, rx = entry
+        if worker_id != req.worker_id or round_idx != req.round_idx:
+            raise PermissionDeniedError("upload belongs to another worker or round")
+        self._worker_round(worker_id, round_idx).up.observe(req)
+        rx.commit(req.commit)
+        update = rx.decode_all()  # validates every tensor (finite, manifest) before folding any
+        with self._close_lock:
+            self.coordinator.check_push(req.worker_id, req.round_idx)
+            self._aggregate.fold(update)
+            self.coordinator.commit(worker_id, upload_id, round_idx, train_loss=req.train_loss)
+            with self._lock:
+                self._committed[key] = upload_id
+                self._uploads.pop(upload_id, None)
+            wr = self._worker_round(worker_id, round_idx)
+            wr.train_loss = float(req.train_loss)
+            wr.metrics = dict(req.metrics)
+        logger.info("commit worker=%s round=%d loss=%.4f", worker_id, round_idx, req.train_loss)
+        self.maybe_close()
+        return service_pb2.CommitReply(upload_id=upload_id, round_idx=round_idx, accepted=True)
+
+    def wait_round(self, req: service_pb2.WaitRoundRequest) -> service_pb2.RoundInfo:
+        timeout_s = min(max(req.timeout_ms, 0) / 1000.0, 30.0)
+        self.coordinator.wait_for_round_after(req.round_idx, timeout_s)
+        return self.round_info(req.worker_id)
+
+    def heartbeat(self, req: service_pb2.HeartbeatRequest) -> service_pb2.HeartbeatReply:
+        self._known(req.worker_id)
+        self.coordinator.heartbeat(req.worker_id)
+        return service_pb2.HeartbeatReply(round=self.round_info(req.worker_id))
+
+    def leave(self, req: service_pb2.LeaveRequest) -> service_pb2.LeaveReply:
+        self._known(req.worker_id)
+        self.coordinator.leave(req.worker_id)
+        with self._lock:
+            if req.metrics:
+                self.final_eval[self._sources[req.worker_id]] = dict(req.metrics)
+            self._left.add(req.worker_id)
+            self._left_cond.notify_all()
+        logger.info("leave worker=%s reason=%s", req.worker_id, req.reason)
+        return service_pb2.LeaveReply()
+
+    # -- closing rounds ----------------------------------------------------------------------
+    def maybe_close(self) -> bool:
+        """Close the open round if every expected worker committed, or at the deadline with quorum."""
+        with self._close_lock:
+            state = self.coordinator.current_round()
+            if state.finished or not self.coordinator.ready_to_close(time.time()):
+                if not state.finished and self.coordinator.should_abandon(time.time()):
+                    logger.warning("round=%d below quorum at the deadline: abandoned", state.round_idx)
+                    self._aggregate.reset()
+                    self.coordinator.abandon_round()
+                return False
+            self._close_round(state.round_idx)
+            return True
+
+    def _close_round(self, round_idx: int) -> None:
+        started = time.monotonic()
+        num = self._aggregate.num_contributions
+        self.model.apply_round(self._aggregate.mean())
+        self._aggregate.reset()
+        record = self._round_record(round_idx, num)
+        self.records.append(record)
+        # Checkpoint first (it carries the records), then the JSONL line: a kill in between
+        # loses no round, and a resumed server rewrites the metrics file from the checkpoint.
+        self._checkpoint(round_idx + 1)
+        if self.config.metrics_path is not None:
+            record.append_jsonl(self.config.metrics_path)
+        state = self.coordinator.close_round(self.model.digest)
+        logger.info(
+            "round_done round=%d workers=%d up_payload_bytes=%d down_payload_bytes=%d close_s=%.2f",
+            round_idx,
+            num,
+            record.up_payload_bytes,
+            record.down_payload_bytes,
+            time.monotonic() - started,
+        )
+        self._round_started = time.monotonic()
+        with self._lock:
+            self._uploads = {u: e for u, e in self._uploads.items() if e[1] > round_idx}
+            self._committed = {k: v for k, v in self._committed.items() if k[1] >= round_idx}
+        if state.finished:
+            self.finished.set()
+
+    def _round_record(self, round_idx: int, num_workers: int) -> RoundMetrics:
+        per_worker = self._rounds.pop(round_idx, {})
+        workers = []
+        for worker_id, wr in sorted(per_worker.items()):
+            up, down = wr.up.total(), wr.down.total()
+            workers.append(
+                WorkerRoundMetrics(
+                    worker_id=worker_id,
+                    source=wr.source,
+                    up_raw_bytes=up.raw_bytes,
+                    up_payload_bytes=up.payload_bytes,
+                    down_raw_bytes=down.raw_bytes,
+                    down_payload_bytes=down.payload_bytes,
+                    train_loss=wr.train_loss,
+                    up_by_group=wr.up.by_group(),
+                    down_by_group=wr.down.by_group(),
+                )
+            )
+        evals = {wr.source: wr.metrics for wr in per_worker.values() if wr.metrics}
+        return RoundMetrics(
+            round=round_idx,
+            variant=self.config.variant,
+            num_workers=num_workers,
+            duration_s=time.monotonic() - self._round_started,
+            up_raw_bytes=sum(w.up_raw_bytes for w in workers),
+            up_payload_bytes=sum(w.up_payload_bytes for w in workers),
+            down_raw_bytes=sum(w.down_raw_bytes for w in workers),
+            down_payload_bytes=sum(w.down_payload_bytes for w in workers),
+            body_digest=self.model.digest.hex(),
+            workers=workers,
+            full_model_fp32_bytes=int(self.run_info["full_model_fp32_bytes"]),
+            uncompressed_body_bytes=4 * self.model.body_numel,
+            eval=evals,
+        )
+
+    def _checkpoint(self, next_round: int) -> None:
+        if self._store is None:
+            return
+        meta: dict[str, Any] = {
+            "round_idx": next_round,
+            "version": self.model.version,
+            "digest": self.model.digest.hex(),
+            "variant": self.config.variant,
+            "model": self.config.model,
+            "records": [r.to_dict() for r in self.records],
+        }
+        self._store.save(self.model.version, self.model.checkpoint_groups(), meta)
+
+    def wait_all_left(self, timeout_s: float) -> None:
+        """Wait until every worker that joined has left (or the timeout passes)."""
+        with self._lock:
+            self._left_cond.wait_for(lambda: self._left >= set(self._sources), timeout=timeout_s)
+
+    def write_final(self) -> None:
+        """Append the final evaluation (reported by workers on Leave) to the metrics file."""
+        line: dict[str, Any] = {
+            "kind": "final",
+            "round": self.config.rounds,
+            "variant": self.config.variant,
+            "eval": self.final_eval,
+        }
+        # Bytes after the last round: the final pulls workers make to evaluate the last body.
+        per_worker = self._rounds.get(self.config.rounds, {})
+        line["down_payload_bytes"] = sum(w.down.total().payload_bytes for w in per_worker.values())
+        line["down_raw_bytes"] = sum(w.down.total().raw_bytes for w in per_worker.values())
+        line["up_payload_bytes"] = sum(w.up.total().payload_bytes for w in per_worker.values())
+        if self.config.metrics_path is not None:
+            with open(self.config.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()

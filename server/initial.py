@@ -1,0 +1,46 @@
+"""The run's starting point: initial shared tensors from dept_model and the run description."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dept_model import Variant, build_model, model_preset
+from dept_model.tokenizer import load_tokenizer, vocab_digest
+
+from .config import ServerConfig
+from .model_state import BODY_PREFIX, EMB_WEIGHT
+
+
+def initial_shared_tensors(config: ServerConfig) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """Build the initial body (and global embeddings for glob/trim) deterministically from the seed.
+
+    Returns the shared tensors by wire name, the global vocabulary digest ("" without one) and
+    the run description sent to every worker at join.
+    """
+    model_config = model_preset(config.model)
+    digest, vocab_size = "", 0
+    if config.vocab is not None:
+        tok = load_tokenizer(config.vocab)
+        digest, vocab_size = vocab_digest(tok), int(tok.get_vocab_size())
+    variant = Variant(config.variant)
+    model = build_model(model_config, variant, vocab_size=max(vocab_size, 2), seed=config.seed)
+    shared = {BODY_PREFIX + k: v.detach().clone() for k, v in model.body_state().items()}
+    if config.shares_embeddings:
+        shared[EMB_WEIGHT] = model.embeddings.weight.detach().clone()
+    body_numel = sum(t.numel() for t in shared.values() if t is not shared.get(EMB_WEIGHT))
+    run_info: dict[str, Any] = {
+        "variant": config.variant,
+        "model": config.model,
+        "rounds": config.rounds,
+        "seed": config.seed,
+        "codec_up": config.codec_up,
+        "codec_down": config.codec_down,
+        "vocab_size": vocab_size,
+        "vocab_digest": digest,
+        "body_params": body_numel,
+        # What standard data parallel would send every step: the whole model in fp32.
+        "full_model_fp32_bytes": 4 * (body_numel + vocab_size * model_config.d_model),
+    }
+    return shared, digest, run_info

@@ -1,0 +1,76 @@
+"""End to end with real processes and sockets: 2 workers x 2 rounds for each variant."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import SOURCES
+from .harness import Server, records, start_worker, worker_digests
+
+pytestmark = pytest.mark.slow
+
+
+def server_args(variant: str, vocab: Path, tmp: Path, rounds: int = 2, extra: list[str] | None = None) -> list[str]:
+    return [
+        "--port", "0", "--rounds", str(rounds), "--workers", str(len(SOURCES)), "--variant", variant,
+        "--model", "tiny", "--vocab", str(vocab), "--metrics-path", str(tmp / "metrics.jsonl"),
+        "--checkpoint-dir", str(tmp / "ckpt"), "--round-timeout", "300", *(extra or []),
+    ]  # fmt: skip
+
+
+def worker_args(port: int, source: str, vocab: Path, tmp: Path) -> list[str]:
+    return [
+        "--server", f"127.0.0.1:{port}", "--source", source, "--vocab", str(vocab), "--inner-steps", "3",
+        "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--state-dir", str(tmp / f"w-{source}"),
+    ]  # fmt: skip
+
+
+def run_variant(variant: str, vocab: Path, tmp: Path) -> list[dict]:
+    server = Server(server_args(variant, vocab, tmp, extra=["--metrics-port", "0"]), tmp / "server.log")
+    workers = [start_worker(worker_args(server.port, s, vocab, tmp), tmp / f"{s}.log") for s in SOURCES]
+    for w in workers:
+        assert w.wait(timeout=240) == 0, (tmp / "sw.log").read_text()[-3000:]
+    assert server.wait() == 0, server.log.read_text()[-3000:]
+    return records(tmp / "metrics.jsonl")
+
+
+def group_bytes(worker: dict, group: str) -> int:
+    return int(worker.get("up_by_group", {}).get(group, {}).get("raw_bytes", 0))
+
+
+def check_digests(recs: list[dict], tmp: Path) -> None:
+    rounds = [r for r in recs if r.get("kind") != "final"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    for source in SOURCES:
+        digests = worker_digests(tmp / f"w-{source}")
+        for r in rounds:  # round r closed at body version r + 1, which every worker pulled after
+            assert digests[r["round"] + 1] == r["body_digest"], f"{source} diverged at round {r['round']}"
+
+
+@pytest.mark.parametrize("variant", ["glob", "trim", "spec"])
+def test_two_workers_two_rounds(variant: str, global_vocab: Path, tmp_path: Path) -> None:
+    recs = run_variant(variant, global_vocab, tmp_path)
+    check_digests(recs, tmp_path)
+    rounds = [r for r in recs if r.get("kind") != "final"]
+    for r in rounds:
+        assert r["num_workers"] == 2 and len(r["workers"]) == 2
+        assert r["up_payload_bytes"] > 0 and r["down_payload_bytes"] > 0
+        for w in r["workers"]:
+            body = group_bytes(w, "body")
+            emb = group_bytes(w, "embeddings")
+            assert body > 0
+            if variant == "spec":
+                assert emb == 0, "spec must never send embeddings"
+            elif variant == "glob":
+                assert emb == 512 * 64 * 4, "glob sends the whole embedding matrix (fp32 reference bytes)"
+            else:
+                # trim: only the V_k rows (n x d) plus their ids (n), at 4 reference bytes each
+                assert 0 < emb < 512 * 64 * 4
+                assert emb % (65 * 4) == 0
+    final = [r for r in recs if r.get("kind") == "final"]
+    assert final and set(final[0]["eval"]) == set(SOURCES)
+    first_eval = rounds[0]["eval"]
+    assert set(first_eval) == set(SOURCES) and all(v["ppl"] > 1 for v in first_eval.values())

@@ -1,0 +1,1 @@
+"""Fault-injection helpers for tests (a byte-counting, fault-injecting TCP proxy)."""

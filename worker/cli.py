@@ -1,0 +1,43 @@
+"""``dept-worker``: parse flags, build the WorkerConfig, run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .config import WorkerConfig
+from .loop import run
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--server", default="127.0.0.1:50051", help="dept-server address, HOST:PORT.")
+@click.option("--source", required=True, help="Data source id, e.g. sw (embedded corpus) .")
+@click.option("--name", default=None, help="Stable worker name [default: the source id].")
+@click.option("--inner-steps", type=click.IntRange(min=1), default=20)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8)
+@click.option("--seq-len", type=click.IntRange(min=8), default=128)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--data", default=None, help="Catalog spec: SOURCE, local:PATH or hf:NAME[/CONFIG].")
+@click.option("--vocab", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--vocab-size", type=click.IntRange(min=64), default=2048, help="When training its own tokenizer.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--eval-batches", type=click.IntRange(min=1), default=4)
+@click.option("--seed", type=int, default=0)
+@click.option("--token", envvar="DEPT_TOKEN", default=None)
+@click.option("--compile", is_flag=True, help="torch.compile the training step.")
+def main(**options: object) -> None:
+    """Train one data source and exchange body updates with dept-server."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = WorkerConfig(**options)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    sys.exit(run(config))
+
+
+if __name__ == "__main__":
+    main()

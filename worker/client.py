@@ -1,0 +1,79 @@
+"""ServerClient: every call to dept-server, each with a deadline, retries where safe."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import grpc
+
+from dept_comm.channel import call_with_retry, channel_options, error_from_rpc
+from dept_comm.errors import DeptError
+from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ServerClient:
+    """A channel to dept-server; DeptErrors come back as the same classes the server raised."""
+
+    def __init__(
+        self, target: str, *, token: str | None = None, timeout_s: float = 60.0, retry_attempts: int = 8
+    ) -> None:
+        self.target = target
+        self._channel = grpc.insecure_channel(target, options=channel_options())
+        self._stub = service_pb2_grpc.ParameterServerStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout_s = timeout_s
+        self._attempts = retry_attempts
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, fn: Callable[[], T], *, retry: bool = True) -> T:
+        """Run one call; UNAVAILABLE/DEADLINE_EXCEEDED are retried with backoff, others mapped."""
+        try:
+            return call_with_retry(fn, attempts=self._attempts if retry else 1)
+        except grpc.RpcError as err:
+            mapped = error_from_rpc(err)
+            if mapped is not None:
+                raise mapped from err
+            raise
+
+    def join(self, request: service_pb2.JoinRequest) -> service_pb2.JoinReply:
+        return self._call(lambda: self._stub.Join(request, timeout=self._timeout_s, metadata=self._metadata))
+
+    def pull(self, request: service_pb2.PullRequest) -> list[tensor_pb2.StreamMessage]:
+        """Receive a whole pull stream (a cut stream is retried from the start)."""
+
+        def once() -> list[tensor_pb2.StreamMessage]:
+            return list(self._stub.PullBody(request, timeout=self._timeout_s * 10, metadata=self._metadata))
+
+        return self._call(once)
+
+    def push(self, messages: Sequence[tensor_pb2.StreamMessage]) -> service_pb2.PushReceipt:
+        """Stream an upload; a retry resends it (the server keeps identical chunks once)."""
+        return self._call(
+            lambda: self._stub.PushUpdate(iter(messages), timeout=self._timeout_s * 10, metadata=self._metadata)
+        )
+
+    def commit(self, request: service_pb2.CommitUpdateRequest) -> service_pb2.CommitReply:
+        # Idempotent on the server (same upload id -> same answer), so retrying is safe.
+        return self._call(lambda: self._stub.CommitUpdate(request, timeout=self._timeout_s, metadata=self._metadata))
+
+    def wait_round(self, worker_id: str, round_idx: int, timeout_ms: int = 10_000) -> service_pb2.RoundInfo:
+        request = service_pb2.WaitRoundRequest(worker_id=worker_id, round_idx=round_idx, timeout_ms=timeout_ms)
+        return self._call(
+            lambda: self._stub.WaitRound(request, timeout=timeout_ms / 1000 + self._timeout_s, metadata=self._metadata)
+        )
+
+    def heartbeat(self, request: service_pb2.HeartbeatRequest) -> service_pb2.HeartbeatReply:
+        return self._call(lambda: self._stub.Heartbeat(request, timeout=self._timeout_s, metadata=self._metadata))
+
+    def leave(self, request: service_pb2.LeaveRequest) -> None:
+        try:
+            self._call(lambda: self._stub.Leave(request, timeout=self._timeout_s, metadata=self._metadata), retry=False)
+        except (DeptError, grpc.RpcError) as err:
+            logger.warning("leave failed: %s", err)

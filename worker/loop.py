@@ -1,0 +1,263 @@
+"""The worker's round loop: join, pull, evaluate, train, push + commit, wait; until the run ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dept_comm.codecs import Codec, codec_names, get_codec
+from dept_comm.codecs.feedback import ErrorFeedback
+from dept_comm.digest import Group
+from dept_comm.errors import CommitMismatchError, NotFoundError, RoundNotOpenError, RunFinishedError, StaleRoundError
+from dept_comm.pb import service_pb2, tensor_pb2
+from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
+from dept_model import Variant, evaluate
+from dept_model.data import eval_batches
+
+from .client import ServerClient
+from .config import WorkerConfig
+from .persist import WorkerState
+from .replica import BODY_PREFIX, EMB_IDS, Replica
+from .setup import WorkerSetup, build_setup, resolve_tokenizer
+
+logger = logging.getLogger(__name__)
+FINISHED = service_pb2.RUN_STATE_FINISHED
+
+
+class Worker:
+    """One data source's trainer, speaking the round protocol with dept-server."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        client: ServerClient,
+        setup: WorkerSetup,
+        reply: service_pb2.JoinReply,
+        store: WorkerState,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.setup = setup
+        self.store = store
+        self.run_info: dict[str, Any] = json.loads(reply.run_config_json)
+        self.variant = Variant(self.run_info["variant"])
+        self.worker_id = reply.worker_id
+        self.info = reply.round
+        self.codec_up: Codec = get_codec(reply.codec_up)
+        self._raw = get_codec("raw")
+        self.feedback = ErrorFeedback(self.codec_up)
+        self.replica = Replica(setup.model, str(self.variant))
+        self.pending: tuple[int, list[tensor_pb2.StreamMessage], service_pb2.CommitUpdateRequest] | None = None
+        self.last_loss = float("nan")
+        self._stop_beats = threading.Event()
+        self._restore()
+
+    # -- persistence -------------------------------------------------------------------------
+    def _restore(self) -> None:
+        saved = self.store.load()
+        if saved is None:
+            return
+        self.setup.trainer.load(saved["trainer_path"])
+        self.feedback.load_state_dict(saved["feedback"])
+        self.setup.train_batches.load_state_dict(saved["data"])
+
+    def _save(self, round_idx: int) -> None:
+        self.store.save(
+            round_idx=round_idx,
+            trainer=self.setup.trainer,
+            feedback=self.feedback.state_dict(),
+            data=self.setup.train_batches.state_dict(),
+        )
+
+    # -- one round ---------------------------------------------------------------------------
+    def _row_ids(self) -> list[int]:
+        if self.variant != Variant.TRIM:
+            return []
+        return [int(i) for i in self.setup.model.embeddings.global_ids().tolist()]
+
+    def pull(self, full: bool = False) -> None:
+        """Bring the replica to the server's current version, verifying the body digest."""
+        for attempt in (0, 1):
+            request = service_pb2.PullRequest(
+                worker_id=self.worker_id,
+                round_idx=self.info.round_idx,
+                have_version=max(self.replica.version, 0),
+                full=full or attempt == 1 or self.replica.version < 0,
+                embedding_rows=self._row_ids(),
+            )
+            info, tensors = receive_stream(self.client.pull(request))
+            try:
+                self.replica.apply_pull(info, tensors)
+                self.store.record_digest(self.replica.version, self.replica.body_digest().hex())
+                return
+            except CommitMismatchError as err:
+                logger.warning("pull did not verify (%s); pulling the full body", err)
+        raise CommitMismatchError("a full pull did not verify against the server's digest")
+
+    def evaluate(self) -> dict[str, float]:
+        batches = eval_batches(
+            self.setup.val_tokens,
+            seq_len=self.config.seq_len,
+            batch_size=self.config.batch_size,
+            max_batches=self.config.eval_batches,
+        )
+        return {k: float(v) for k, v in evaluate(self.setup.model, batches, self.setup.byte_lengths).items()}
+
+    def train(self) -> tuple[float, int]:
+        device = torch.device(self.config.device)
+        losses = []
+        for _ in range(self.config.inner_steps):
+            x, y = self.setup.train_batches.next_batch()
+            losses.append(self.setup.trainer.step(x.to(device), y.to(device)))
+        self.last_loss = sum(losses) / len(losses)
+        return self.last_loss, self.config.inner_steps * self.config.batch_size * self.config.seq_len
+
+    def _encode_update(self, round_idx: int) -> list[tensor_pb2.StreamMessage]:
+        delta = self.replica.delta()
+        open_info = StreamOpenInfo(
+            upload_id=f"{self.worker_id}-{round_idx}-{uuid.uuid4().hex[:12]}",
+            sender_id=self.worker_id,
+            round_idx=round_idx,
+            base_version=self.replica.version,
+            base_digest=self.replica.body_digest(),
+            target_version=0,
+            target_digest=b"",
+            is_delta=True,
+        )
+
+        def codec_for(name: str, t: torch.Tensor) -> Codec:
+            return self._raw if name == EMB_IDS else self.codec_up
+
+        def encoder(name: str, t: torch.Tensor, codec: Codec) -> bytes:
+            return self.feedback.encode(name, t) if codec is self.codec_up else codec.encode(t)
+
+        groups = {k: Group.BODY if k.startswith(BODY_PREFIX) else Group.EMBEDDINGS for k in delta}
+        return list(encode_stream(delta, open_info=open_info, codec=codec_for, groups=groups, encoder=encoder))
+
+    def push(self) -> None:
+        assert self.pending is not None
+        _, messages, commit = self.pending
+        receipt = self.client.push(messages[:-1])
+        if receipt.missing_seqs:
+            raise CommitMismatchError(f"server is missing chunks {list(receipt.missing_seqs)[:8]} after a push")
+        self.client.commit(commit)
+
+    def do_round(self) -> None:
+        round_idx = self.info.round_idx
+        started = time.monotonic()
+        self.pull()
+        metrics = self.evaluate()
+        loss, tokens = self.train()
+        messages = self._encode_update(round_idx)
+        commit = service_pb2.CommitUpdateRequest(
+            commit=messages[-1].commit,
+            worker_id=self.worker_id,
+            round_idx=round_idx,
+            train_loss=loss,
+            num_tokens=tokens,
+            metrics=metrics,
+        )
+        self.pending = (round_idx, messages, commit)
+        self.push()
+        self._save(round_idx)
+        up = sum(m.ByteSize() for m in messages)
+        logger.info(
+            "round=%d source=%s train_loss=%.4f val_ppl=%.2f up_payload_bytes=%d seconds=%.1f",
+            round_idx,
+            self.config.source,
+            loss,
+            metrics.get("ppl", float("nan")),
+            up,
+            time.monotonic() - started,
+        )
+
+    def wait_for_close(self, round_idx: int) -> None:
+        """Wait until round ``round_idx`` closed; re-push if the server lost our commit (restart)."""
+        while True:
+            info = self.client.wait_round(self.worker_id, round_idx)
+            self.info = info
+            if info.state == FINISHED or info.round_idx > round_idx:
+                return
+            if not info.committed:
+                if self.pending is not None and self.pending[0] == round_idx:
+                    logger.warning("server lost our commit for round=%d (restart?); pushing again", round_idx)
+                    self.push()
+                else:
+                    return  # nothing to resend: train this round again
+
+    def _heartbeats(self) -> None:
+        while not self._stop_beats.wait(10.0):
+            try:
+                self.client.heartbeat(
+                    service_pb2.HeartbeatRequest(
+                        worker_id=self.worker_id, round_idx=self.info.round_idx, train_loss=self.last_loss
+                    )
+                )
+            except Exception as err:  # noqa: BLE001 - a missed beat is logged; the main loop owns failures
+                logger.debug("heartbeat failed: %s", err)
+
+    def rejoin(self) -> None:
+        reply = self.client.join(self.join_request(self.config, self.setup.vocab_digest))
+        self.worker_id, self.info = reply.worker_id, reply.round
+
+    @staticmethod
+    def join_request(config: WorkerConfig, digest_hex: str) -> service_pb2.JoinRequest:
+        return service_pb2.JoinRequest(
+            source_id=config.source,
+            vocab_digest=bytes.fromhex(digest_hex),
+            codecs=codec_names(),
+            worker_name=config.worker_name,
+            token=config.token or "",
+        )
+
+    def run(self) -> int:
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        try:
+            while self.info.state != FINISHED:
+                round_idx = self.info.round_idx
+                try:
+                    if not self.info.committed:
+                        self.do_round()
+                    self.wait_for_close(round_idx)
+                except StaleRoundError as err:
+                    logger.warning("round=%d update refused as stale (%s); re-pulling", round_idx, err)
+                    self.pending = None
+                    self.info = self.client.heartbeat(service_pb2.HeartbeatRequest(worker_id=self.worker_id)).round
+                except NotFoundError:
+                    logger.warning("server does not know us (restarted?); joining again")
+                    self.rejoin()
+                except RoundNotOpenError:
+                    self.wait_for_close(round_idx - 1)
+                except RunFinishedError:
+                    break
+            self.pull()
+            final = self.evaluate()
+            logger.info("finished source=%s final_val_ppl=%.2f", self.config.source, final.get("ppl", float("nan")))
+            self.client.leave(service_pb2.LeaveRequest(worker_id=self.worker_id, reason="finished", metrics=final))
+            return 0
+        finally:
+            self._stop_beats.set()
+
+
+def run(config: WorkerConfig) -> int:
+    """Join the server, build the model for its variant, and train until the run ends."""
+    state_dir = config.state_dir or Path(tempfile.mkdtemp(prefix=f"dept-worker-{config.source}-"))
+    store = WorkerState(state_dir)
+    tokenizer = resolve_tokenizer(config, state_dir)
+    client = ServerClient(config.server, token=config.token, timeout_s=config.rpc_timeout_s)
+    try:
+        from dept_model.tokenizer import vocab_digest
+
+        reply = client.join(Worker.join_request(config, vocab_digest(tokenizer)))
+        setup = build_setup(config, json.loads(reply.run_config_json), tokenizer, state_dir)
+        return Worker(config, client, setup, reply, store).run()
+    finally:
+        client.close()

@@ -1,0 +1,79 @@
+"""What a worker keeps in --state-dir so a killed worker restarted with the same flags continues."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dept_model import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomically write a safetensors file (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class WorkerState:
+    """Files under the state dir: model with private embeddings, inner optimizer, residuals, progress.
+
+    ``progress.json`` is written last and names the round the rest belongs to, so a kill
+    between files leaves the previous consistent set recognisable.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.dir.glob(".*.tmp"):
+            leftover.unlink()
+
+    def save(
+        self, *, round_idx: int, trainer: Trainer, feedback: dict[str, torch.Tensor], data: dict[str, int]
+    ) -> None:
+        """Write the trainer (model incl. private embeddings, AdamW state), residuals and progress."""
+        tag = f"{round_idx:06d}"
+        trainer.save(self.dir / f"trainer-{tag}.safetensors", include_model=True)
+        save_tensors(self.dir / f"feedback-{tag}.safetensors", feedback)
+        progress = {"round_idx": round_idx, "tag": tag, "data": data}
+        _atomic_write_bytes(self.dir / "progress.json", json.dumps(progress).encode())
+        for old in self.dir.glob("*-*.safetensors"):
+            if not old.stem.endswith(tag):
+                old.unlink()
+
+    def record_digest(self, version: int, digest_hex: str) -> None:
+        """Append the verified body digest of each pulled version (proof of bit-identical replicas)."""
+        with open(self.dir / "digests.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"version": version, "body_digest": digest_hex}) + "\n")
+
+    def load(self) -> dict[str, Any] | None:
+        """The last saved state, or None when the directory holds none."""
+        path = self.dir / "progress.json"
+        if not path.exists():
+            return None
+        progress = json.loads(path.read_text())
+        tag = progress["tag"]
+        out: dict[str, Any] = dict(progress)
+        out["trainer_path"] = self.dir / f"trainer-{tag}.safetensors"
+        out["feedback"] = load_file(str(self.dir / f"feedback-{tag}.safetensors"))
+        logger.info("restored worker state round=%d from %s", progress["round_idx"], self.dir)
+        return out

@@ -1,0 +1,91 @@
+"""The worker's model: a bit-exact replica of the server's shared tensors plus private state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from dept_comm.digest import tensors_digest
+from dept_comm.errors import CommitMismatchError
+from dept_comm.streaming import StreamOpenInfo
+from dept_model import DeptModel
+
+logger = logging.getLogger(__name__)
+
+BODY_PREFIX = "body."
+EMB_WEIGHT = "emb.weight"
+EMB_ROWS = "emb.rows"
+EMB_IDS = "emb.ids"
+
+
+class Replica:
+    """Holds the last pulled shared tensors on CPU in fp32, exactly as the server has them.
+
+    The local model trains away from them for one round; the update sent back is the
+    difference. Pulls are applied to the replica first (``+=`` for deltas, the same float32
+    addition the server does), verified against the round's body digest, then loaded into the
+    model.
+    """
+
+    def __init__(self, model: DeptModel, variant: str) -> None:
+        self.model = model
+        self.variant = variant
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.version = -1
+
+    def body_digest(self) -> bytes:
+        return tensors_digest({k: v for k, v in self.tensors.items() if k.startswith(BODY_PREFIX)})
+
+    def apply_pull(self, info: StreamOpenInfo, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Apply a verified pull stream; raises CommitMismatchError if the digest disagrees."""
+        if info.is_delta:
+            if info.base_version != self.version:
+                raise CommitMismatchError(f"delta from version {info.base_version}, replica holds {self.version}")
+            for name, t in tensors.items():
+                if name in (EMB_ROWS, EMB_IDS):
+                    continue
+                self.tensors[name].add_(t.to(torch.float32).reshape(self.tensors[name].shape))
+        else:
+            self.tensors = {
+                k: v.to(torch.float32).clone() for k, v in tensors.items() if k not in (EMB_ROWS, EMB_IDS)
+            }
+        if EMB_ROWS in tensors:
+            self.tensors[EMB_ROWS] = tensors[EMB_ROWS].to(torch.float32).clone()
+            self.tensors[EMB_IDS] = tensors[EMB_IDS].to(torch.int64).clone()
+        digest = self.body_digest()
+        if digest != info.target_digest:
+            self.version = -1
+            raise CommitMismatchError(
+                f"body digest after pull {digest.hex()[:16]} != server's {info.target_digest.hex()[:16]}"
+            )
+        self.version = info.target_version
+        self._load_into_model()
+
+    def _load_into_model(self) -> None:
+        body = {k.removeprefix(BODY_PREFIX): v for k, v in self.tensors.items() if k.startswith(BODY_PREFIX)}
+        self.model.load_body_state(body)
+        emb = self.model.embeddings
+        with torch.no_grad():
+            if EMB_WEIGHT in self.tensors:
+                emb.weight.copy_(self.tensors[EMB_WEIGHT].to(emb.weight.device))
+            if EMB_ROWS in self.tensors:
+                emb.import_rows(self.tensors[EMB_IDS].to(emb.weight.device), self.tensors[EMB_ROWS].to(emb.weight.device))
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """What this round's training changed in the shared tensors (local - replica), fp32 on CPU."""
+        out: dict[str, torch.Tensor] = {}
+        for name, value in self.model.body_state().items():
+            key = BODY_PREFIX + name
+            out[key] = value.detach().to("cpu", torch.float32) - self.tensors[key]
+        if EMB_WEIGHT in self.tensors:
+            out[EMB_WEIGHT] = self.model.embeddings.weight.detach().to("cpu", torch.float32) - self.tensors[EMB_WEIGHT]
+        if EMB_ROWS in self.tensors:
+            ids, rows = self.model.embeddings.export_rows()
+            ids = ids.to("cpu", torch.int64)
+            if not torch.equal(ids, self.tensors[EMB_IDS]):
+                raise CommitMismatchError("local embedding rows no longer match the pulled ids")
+            out[EMB_ROWS] = rows.detach().to("cpu", torch.float32) - self.tensors[EMB_ROWS]
+            out[EMB_IDS] = ids
+        return out
