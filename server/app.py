@@ -376,6 +376,9 @@ class ServerApp:
             full_model_fp32_bytes=int(self.run_info["full_model_fp32_bytes"]),
             uncompressed_body_bytes=4 * self.model.body_numel,
             eval=evals,
+            version=self.model.version,
+            codec_up=self.config.codec_up,
+            codec_down=self.config.codec_down,
         )
 
     def _checkpoint(self, next_round: int) -> None:

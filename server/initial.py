@@ -24,7 +24,8 @@ def initial_shared_tensors(config: ServerConfig) -> tuple[dict[str, torch.Tensor
     if config.vocab is not None:
         tok = load_tokenizer(config.vocab)
         digest, vocab_size = vocab_digest(tok), int(tok.get_vocab_size())
-    variant = Variant(config.variant)
+    # The server holds the whole global matrix for glob and trim (trim workers take their rows).
+    variant = Variant.GLOB if config.shares_embeddings else Variant(config.variant)
     model = build_model(model_config, variant, vocab_size=max(vocab_size, 2), seed=config.seed)
     shared = {BODY_PREFIX + k: v.detach().clone() for k, v in model.body_state().items()}
     if config.shares_embeddings:

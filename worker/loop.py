@@ -219,7 +219,8 @@ class Worker:
         )
 
     def run(self) -> int:
-        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        beats = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beats.start()
         try:
             while self.info.state != FINISHED:
                 round_idx = self.info.round_idx
@@ -245,6 +246,8 @@ class Worker:
             return 0
         finally:
             self._stop_beats.set()
+            # A daemon thread still inside a gRPC call at interpreter exit aborts the process.
+            beats.join(timeout=self.config.rpc_timeout_s)
 
 
 def run(config: WorkerConfig) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SOURCES
-from .harness import Server, records, start_worker, wait_for, worker_digests
-from .test_rounds import server_args, worker_args
+from tests.e2e.conftest import SOURCES
+from tests.e2e.harness import Server, records, start_worker, wait_for, worker_digests
+from tests.e2e.test_rounds import server_args, worker_args
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SOURCES
-from .harness import Server, records, start_worker, worker_digests
+from tests.e2e.conftest import SOURCES
+from tests.e2e.harness import Server, records, start_worker, worker_digests
 
 pytestmark = pytest.mark.slow
 
