@@ -5,7 +5,8 @@ Importing this package registers every built-in codec.
 
 from __future__ import annotations
 
-from dept_comm.codecs import fp32  # noqa: F401  (registers)
+from dept_comm.codecs import bf16, bf16_zstd, fp32, int4, int8  # noqa: F401  (registers)
 from dept_comm.codecs.base import Codec, CodecParams, codec_names, get_codec, register_codec
+from dept_comm.codecs.feedback import ErrorFeedback
 
-__all__ = ["Codec", "CodecParams", "codec_names", "get_codec", "register_codec"]
+__all__ = ["Codec", "CodecParams", "ErrorFeedback", "codec_names", "get_codec", "register_codec"]

@@ -20,7 +20,9 @@ _NUMPY_DTYPE: dict[torch.dtype, str] = {
 }
 
 
-def _raw_decode(data: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype, codec: str) -> torch.Tensor:
+def _raw_decode(
+    data: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype, codec: str
+) -> torch.Tensor:
     if dtype == torch.bfloat16:
         item = 2
     elif dtype in _NUMPY_DTYPE:
@@ -29,7 +31,9 @@ def _raw_decode(data: bytes | memoryview, shape: Sequence[int], dtype: torch.dty
         raise ManifestMismatchError(f"{codec} codec cannot decode dtype {dtype}")
     numel = math.prod(shape)
     if len(data) != item * numel:
-        raise SizeLimitError(f"{codec} payload is {len(data)} bytes, shape {list(shape)} needs {item * numel}")
+        raise SizeLimitError(
+            f"{codec} payload is {len(data)} bytes, shape {list(shape)} needs {item * numel}"
+        )
     if dtype == torch.bfloat16:
         arr = np.frombuffer(data, dtype="<u2").reshape(tuple(shape))
         return torch.from_numpy(arr.astype(np.int16)).view(torch.bfloat16)
