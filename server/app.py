@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,11 @@ from .initial import initial_shared_tensors
 from .model_state import EMB_WEIGHT, GlobalModel
 
 logger = logging.getLogger(__name__)
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Worker-reported metrics without NaN/Inf (they cannot go into JSON checkpoints)."""
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
 @dataclass
@@ -269,13 +275,13 @@ class ServerApp:
         with self._close_lock:
             self.coordinator.check_push(req.worker_id, req.round_idx)
             self._aggregate.fold(update)
-            self.coordinator.commit(worker_id, upload_id, round_idx, train_loss=req.train_loss)
+            self.coordinator.commit(worker_id, upload_id, round_idx)
             with self._lock:
                 self._committed[key] = upload_id
                 self._uploads.pop(upload_id, None)
             wr = self._worker_round(worker_id, round_idx)
-            wr.train_loss = float(req.train_loss)
-            wr.metrics = dict(req.metrics)
+            wr.train_loss = float(req.train_loss) if math.isfinite(req.train_loss) else None
+            wr.metrics = _finite(req.metrics)
         logger.info("commit worker=%s round=%d loss=%.4f", worker_id, round_idx, req.train_loss)
         self.maybe_close()
         return service_pb2.CommitReply(upload_id=upload_id, round_idx=round_idx, accepted=True)
@@ -295,7 +301,7 @@ class ServerApp:
         self.coordinator.leave(req.worker_id)
         with self._lock:
             if req.metrics:
-                self.final_eval[self._sources[req.worker_id]] = dict(req.metrics)
+                self.final_eval[self._sources[req.worker_id]] = _finite(req.metrics)
             self._left.add(req.worker_id)
             self._left_cond.notify_all()
         logger.info("leave worker=%s reason=%s", req.worker_id, req.reason)
@@ -310,7 +316,9 @@ class ServerApp:
                 if not state.finished and self.coordinator.should_abandon(time.time()):
                     logger.warning("round=%d below quorum at the deadline: abandoned", state.round_idx)
                     self._aggregate.reset()
-                    self.coordinator.abandon_round()
+                    state = self.coordinator.abandon_round()
+                    # Persist the new round index so a restart never sends the round id backwards.
+                    self._checkpoint(state.round_idx)
                 return False
             self._close_round(state.round_idx)
             return True
@@ -392,7 +400,9 @@ class ServerApp:
             "model": self.config.model,
             "records": [r.to_dict() for r in self.records],
         }
-        self._store.save(self.model.version, self.model.checkpoint_groups(), meta)
+        # Steps are the next round index: strictly increasing across closes and abandons, so a
+        # save never overwrites the checkpoint a crash would fall back to.
+        self._store.save(next_round, self.model.checkpoint_groups(), meta)
 
     def wait_all_left(self, timeout_s: float) -> None:
         """Wait until every worker that joined has left (or the timeout passes)."""
