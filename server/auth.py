@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -11,11 +11,24 @@ import grpc
 TOKEN_METADATA_KEY = "authorization"
 
 
-def _abort_handler(message: str) -> grpc.RpcMethodHandler[Any, None]:
+def _abort_like(handler: grpc.RpcMethodHandler[Any, Any] | None, message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind as ``handler`` (unary/streaming) that only aborts."""
+
     def abort(request: Any, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    # A unary handler also rejects streaming calls before any request message is read.
+    def abort_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield from ()
+
+    streaming_in = handler is not None and handler.request_streaming
+    streaming_out = handler is not None and handler.response_streaming
+    if streaming_in and streaming_out:
+        return grpc.stream_stream_rpc_method_handler(abort_stream)
+    if streaming_in:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if streaming_out:
+        return grpc.unary_stream_rpc_method_handler(abort_stream)
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
@@ -24,7 +37,6 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
-        self._deny = _abort_handler("missing or invalid token")
 
     def intercept_service(
         self,
@@ -36,4 +48,5 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 got = value.encode() if isinstance(value, str) else bytes(value)
                 if hmac.compare_digest(got, self._expected):
                     return continuation(handler_call_details)
-        return self._deny
+        # Looking the handler up runs nothing; it tells which kind of abort handler to return.
+        return _abort_like(continuation(handler_call_details), "missing or invalid token")
