@@ -62,7 +62,9 @@ class ServerApp:
         shared, vocab_digest, self.run_info = initial_shared_tensors(config)
         self.vocab_digest = vocab_digest
         outer = build_outer(config.outer, config.outer_lr, config.outer_momentum)
-        self.model = GlobalModel(variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down)
+        self.model = GlobalModel(
+            variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down
+        )
         self.coordinator = RoundCoordinator(
             CoordinatorConfig(
                 num_rounds=config.rounds,
@@ -99,7 +101,9 @@ class ServerApp:
         assert self._store is not None
         ckpt = self._store.latest()
         if ckpt is None:
-            logger.warning("resume requested but no checkpoint in %s; starting fresh", self.config.checkpoint_dir)
+            logger.warning(
+                "resume requested but no checkpoint in %s; starting fresh", self.config.checkpoint_dir
+            )
             return
         meta = ckpt.meta
         self.model.restore(ckpt.tensors, version=int(meta["version"]))
@@ -140,7 +144,9 @@ class ServerApp:
         if variant == "unspecified":  # the worker follows whatever variant the server runs
             variant = self.config.variant
         if variant != self.config.variant:
-            raise ManifestMismatchError(f"server runs variant {self.config.variant}, worker asked for {variant}")
+            raise ManifestMismatchError(
+                f"server runs variant {self.config.variant}, worker asked for {variant}"
+            )
         if self.config.shares_embeddings and req.vocab_digest.hex() != self.vocab_digest:
             raise ManifestMismatchError(
                 f"vocabulary digest mismatch: the server's global tokenizer is {self.vocab_digest[:16]}...,"
@@ -148,7 +154,9 @@ class ServerApp:
             )
         for codec in (self.config.codec_up, self.config.codec_down):
             if req.codecs and codec not in req.codecs:
-                raise ManifestMismatchError(f"worker cannot use codec {codec!r}; it offers {list(req.codecs)}")
+                raise ManifestMismatchError(
+                    f"worker cannot use codec {codec!r}; it offers {list(req.codecs)}"
+                )
         name = req.worker_name or req.source_id
         info = self.coordinator.join(name, req.source_id, variant, req.vocab_digest.hex())
         with self._lock:

@@ -11,7 +11,9 @@ import grpc
 TOKEN_METADATA_KEY = "authorization"
 
 
-def _abort_like(handler: grpc.RpcMethodHandler[Any, Any] | None, message: str) -> grpc.RpcMethodHandler[Any, Any]:
+def _abort_like(
+    handler: grpc.RpcMethodHandler[Any, Any] | None, message: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same kind as ``handler`` (unary/streaming) that only aborts."""
 
     def abort(request: Any, context: grpc.ServicerContext) -> None:

@@ -39,7 +39,9 @@ CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
 @click.option("--token", envvar="DEPT_TOKEN", default=None, help="Shared secret workers must present.")
 def main(**options: object) -> None:
     """Run the DEPT coordinator: hold the body, run the rounds, account every byte."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     try:
         config = ServerConfig(**options)  # type: ignore[arg-type]
     except ValueError as err:

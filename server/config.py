@@ -53,7 +53,9 @@ class ServerConfig:
         if self.outer not in OUTER_OPTIMIZERS:
             raise ValueError(f"outer must be one of {OUTER_OPTIMIZERS}, got {self.outer!r}")
         if self.variant in ("glob", "trim") and self.vocab is None:
-            raise ValueError(f"variant {self.variant} shares embeddings: pass --vocab (a global tokenizer.json)")
+            raise ValueError(
+                f"variant {self.variant} shares embeddings: pass --vocab (a global tokenizer.json)"
+            )
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume needs --checkpoint-dir")
 

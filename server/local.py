@@ -59,7 +59,9 @@ def run_local(
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    click.echo(f"dept-local: variant={variant} sources={','.join(sources)} rounds={rounds} model={model} -> {out}")
+    click.echo(
+        f"dept-local: variant={variant} sources={','.join(sources)} rounds={rounds} model={model} -> {out}"
+    )
     toks = build_tokenizers(
         sources, vocab_size=vocab_size, out_dir=out / "tokenizers", per_source=variant == "spec-opt"
     )
@@ -92,7 +94,9 @@ def run_local(
                 if rec.get("kind") == "final":
                     continue
                 losses = ", ".join(
-                    f"{w['source']}={w['train_loss']:.3f}" for w in rec["workers"] if w.get("train_loss") is not None
+                    f"{w['source']}={w['train_loss']:.3f}"
+                    for w in rec["workers"]
+                    if w.get("train_loss") is not None
                 )
                 click.echo(
                     f"  round {rec['round']}: up {rec['up_payload_bytes']:,} B, down {rec['down_payload_bytes']:,} B,"
@@ -122,7 +126,9 @@ def _print_tables(records: list[dict[str, Any]], sources: list[str]) -> None:
     rounds = [r for r in records if r.get("kind") != "final"]
     final: dict[str, Any] = next((r for r in records if r.get("kind") == "final"), {"eval": {}})
     click.echo("\nbytes per round (payload = protobuf bytes on the wire; raw = fp32 tensor bytes)")
-    click.echo(f"{'round':>5} {'up payload':>12} {'up raw':>12} {'down payload':>13} {'down raw':>12} {'up/fp32':>8}")
+    click.echo(
+        f"{'round':>5} {'up payload':>12} {'up raw':>12} {'down payload':>13} {'down raw':>12} {'up/fp32':>8}"
+    )
     for r in rounds:
         ratio = r["up_payload_bytes"] / max(r["up_raw_bytes"], 1)
         click.echo(
@@ -141,7 +147,12 @@ def _print_tables(records: list[dict[str, Any]], sources: list[str]) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=3)
 @click.option("--inner-steps", type=click.IntRange(min=1), default=30)
 @click.option("--model", default="tiny")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="[default: runs/local-VARIANT]")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="[default: runs/local-VARIANT]",
+)
 @click.option("--codec-up", default="int8")
 @click.option("--codec-down", default="int8")
 @click.option("--vocab-size", type=click.IntRange(min=300), default=2048)
@@ -151,4 +162,8 @@ def main(variant: str, sources: str, out: Path | None, **options: Any) -> None:
     """Run DEPT end to end on this machine: a server and one worker per source, on loopback."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     source_list = [s.strip() for s in sources.split(",") if s.strip()]
-    sys.exit(run_local(variant=variant, sources=source_list, out=out or Path("runs") / f"local-{variant}", **options))
+    sys.exit(
+        run_local(
+            variant=variant, sources=source_list, out=out or Path("runs") / f"local-{variant}", **options
+        )
+    )

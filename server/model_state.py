@@ -110,9 +110,13 @@ class GlobalModel:
         delta = not full and self._update is not None and have_version == self.version - 1
         if delta:
             assert self._update is not None
-            tensors = {k: v for k, v in self._update.items() if not (self.variant == "trim" and k == EMB_WEIGHT)}
+            tensors = {
+                k: v for k, v in self._update.items() if not (self.variant == "trim" and k == EMB_WEIGHT)
+            }
         else:
-            tensors = {k: v for k, v in self.shared.items() if not (self.variant == "trim" and k == EMB_WEIGHT)}
+            tensors = {
+                k: v for k, v in self.shared.items() if not (self.variant == "trim" and k == EMB_WEIGHT)
+            }
         if self.variant == "trim" and row_ids is not None:
             # Trim rows travel as current values (lossless), so a worker's rows equal the server's.
             tensors[EMB_ROWS] = self.shared[EMB_WEIGHT].index_select(0, row_ids)

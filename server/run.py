@@ -63,14 +63,19 @@ def start_server(config: ServerConfig) -> RunningServer:
             app.maybe_close()
 
     threading.Thread(target=tick, name="round-ticker", daemon=True).start()
-    logger.info("serving port=%d variant=%s rounds=%d workers=%d", port, config.variant, config.rounds, config.workers)
+    logger.info(
+        "serving port=%d variant=%s rounds=%d workers=%d", port, config.variant, config.rounds, config.workers
+    )
     return RunningServer(app, server, port, metrics_server, metrics_port, stop)
 
 
 def run(config: ServerConfig, stop_requested: threading.Event, *, final_eval_wait_s: float = 60.0) -> int:
     """Serve until the last round closed (or a stop is requested); print the summary."""
     running = start_server(config)
-    print(json.dumps({"event": "listening", "port": running.port, "metrics_port": running.metrics_port}), flush=True)
+    print(
+        json.dumps({"event": "listening", "port": running.port, "metrics_port": running.metrics_port}),
+        flush=True,
+    )
     app = running.app
     while not (app.finished.is_set() or stop_requested.is_set()):
         app.finished.wait(0.2)

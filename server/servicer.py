@@ -63,7 +63,9 @@ class ParameterServerServicer(service_pb2_grpc.ParameterServerServicer):
     ) -> service_pb2.CommitReply:
         return _guard(context, lambda: self._app.commit(request))
 
-    def WaitRound(self, request: service_pb2.WaitRoundRequest, context: grpc.ServicerContext) -> service_pb2.RoundInfo:
+    def WaitRound(
+        self, request: service_pb2.WaitRoundRequest, context: grpc.ServicerContext
+    ) -> service_pb2.RoundInfo:
         return _guard(context, lambda: self._app.wait_round(request))
 
     def WatchRounds(
@@ -71,16 +73,16 @@ class ParameterServerServicer(service_pb2_grpc.ParameterServerServicer):
     ) -> Iterator[service_pb2.RoundEvent]:
         last = -1
         while context.is_active():
-            info = _guard(
-                context,
-                lambda: self._app.wait_round(
-                    service_pb2.WaitRoundRequest(worker_id=request.worker_id, round_idx=max(last, 0), timeout_ms=5000)
-                ),
+            wait = service_pb2.WaitRoundRequest(
+                worker_id=request.worker_id, round_idx=max(last, 0), timeout_ms=5000
             )
+            info = _guard(context, lambda wait=wait: self._app.wait_round(wait))  # type: ignore[misc]
             if info.round_idx != last:
                 last = info.round_idx
                 finished = info.state == service_pb2.RUN_STATE_FINISHED
-                kind = service_pb2.RoundEvent.KIND_FINISHED if finished else service_pb2.RoundEvent.KIND_OPENED
+                kind = (
+                    service_pb2.RoundEvent.KIND_FINISHED if finished else service_pb2.RoundEvent.KIND_OPENED
+                )
                 yield service_pb2.RoundEvent(kind=kind, round=info)
                 if finished:
                     return
@@ -90,5 +92,7 @@ class ParameterServerServicer(service_pb2_grpc.ParameterServerServicer):
     ) -> service_pb2.HeartbeatReply:
         return _guard(context, lambda: self._app.heartbeat(request))
 
-    def Leave(self, request: service_pb2.LeaveRequest, context: grpc.ServicerContext) -> service_pb2.LeaveReply:
+    def Leave(
+        self, request: service_pb2.LeaveRequest, context: grpc.ServicerContext
+    ) -> service_pb2.LeaveReply:
         return _guard(context, lambda: self._app.leave(request))

@@ -23,7 +23,9 @@ from .loop import run
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--data", default=None, help="Catalog spec: SOURCE, local:PATH or hf:NAME[/CONFIG].")
 @click.option("--vocab", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
-@click.option("--vocab-size", type=click.IntRange(min=64), default=2048, help="When training its own tokenizer.")
+@click.option(
+    "--vocab-size", type=click.IntRange(min=64), default=2048, help="When training its own tokenizer."
+)
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--eval-batches", type=click.IntRange(min=1), default=4)
 @click.option("--seed", type=int, default=0)
@@ -31,7 +33,9 @@ from .loop import run
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
 def main(**options: object) -> None:
     """Train one data source and exchange body updates with dept-server."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     try:
         config = WorkerConfig(**options)  # type: ignore[arg-type]
     except ValueError as err:

@@ -56,24 +56,37 @@ class ServerClient:
     def push(self, messages: Sequence[tensor_pb2.StreamMessage]) -> service_pb2.PushReceipt:
         """Stream an upload; a retry resends it (the server keeps identical chunks once)."""
         return self._call(
-            lambda: self._stub.PushUpdate(iter(messages), timeout=self._timeout_s * 10, metadata=self._metadata)
+            lambda: self._stub.PushUpdate(
+                iter(messages), timeout=self._timeout_s * 10, metadata=self._metadata
+            )
         )
 
     def commit(self, request: service_pb2.CommitUpdateRequest) -> service_pb2.CommitReply:
         # Idempotent on the server (same upload id -> same answer), so retrying is safe.
-        return self._call(lambda: self._stub.CommitUpdate(request, timeout=self._timeout_s, metadata=self._metadata))
+        return self._call(
+            lambda: self._stub.CommitUpdate(request, timeout=self._timeout_s, metadata=self._metadata)
+        )
 
     def wait_round(self, worker_id: str, round_idx: int, timeout_ms: int = 10_000) -> service_pb2.RoundInfo:
-        request = service_pb2.WaitRoundRequest(worker_id=worker_id, round_idx=round_idx, timeout_ms=timeout_ms)
+        request = service_pb2.WaitRoundRequest(
+            worker_id=worker_id, round_idx=round_idx, timeout_ms=timeout_ms
+        )
         return self._call(
-            lambda: self._stub.WaitRound(request, timeout=timeout_ms / 1000 + self._timeout_s, metadata=self._metadata)
+            lambda: self._stub.WaitRound(
+                request, timeout=timeout_ms / 1000 + self._timeout_s, metadata=self._metadata
+            )
         )
 
     def heartbeat(self, request: service_pb2.HeartbeatRequest) -> service_pb2.HeartbeatReply:
-        return self._call(lambda: self._stub.Heartbeat(request, timeout=self._timeout_s, metadata=self._metadata))
+        return self._call(
+            lambda: self._stub.Heartbeat(request, timeout=self._timeout_s, metadata=self._metadata)
+        )
 
     def leave(self, request: service_pb2.LeaveRequest) -> None:
         try:
-            self._call(lambda: self._stub.Leave(request, timeout=self._timeout_s, metadata=self._metadata), retry=False)
+            self._call(
+                lambda: self._stub.Leave(request, timeout=self._timeout_s, metadata=self._metadata),
+                retry=False,
+            )
         except (DeptError, grpc.RpcError) as err:
             logger.warning("leave failed: %s", err)

@@ -16,7 +16,13 @@ import torch
 from dept_comm.codecs import Codec, codec_names, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.digest import Group
-from dept_comm.errors import CommitMismatchError, NotFoundError, RoundNotOpenError, RunFinishedError, StaleRoundError
+from dept_comm.errors import (
+    CommitMismatchError,
+    NotFoundError,
+    RoundNotOpenError,
+    RunFinishedError,
+    StaleRoundError,
+)
 from dept_comm.pb import service_pb2, tensor_pb2
 from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
 from dept_model import Variant, evaluate
@@ -55,7 +61,9 @@ class Worker:
         self._raw = get_codec("raw")
         self.feedback = ErrorFeedback(self.codec_up)
         self.replica = Replica(setup.model, str(self.variant))
-        self.pending: tuple[int, list[tensor_pb2.StreamMessage], service_pb2.CommitUpdateRequest] | None = None
+        self.pending: tuple[int, list[tensor_pb2.StreamMessage], service_pb2.CommitUpdateRequest] | None = (
+            None
+        )
         self.last_loss = float("nan")
         self._stop_beats = threading.Event()
         self._restore()
@@ -140,14 +148,18 @@ class Worker:
             return self.feedback.encode(name, t) if codec is self.codec_up else codec.encode(t)
 
         groups = {k: Group.BODY if k.startswith(BODY_PREFIX) else Group.EMBEDDINGS for k in delta}
-        return list(encode_stream(delta, open_info=open_info, codec=codec_for, groups=groups, encoder=encoder))
+        return list(
+            encode_stream(delta, open_info=open_info, codec=codec_for, groups=groups, encoder=encoder)
+        )
 
     def push(self) -> None:
         assert self.pending is not None
         _, messages, commit = self.pending
         receipt = self.client.push(messages[:-1])
         if receipt.missing_seqs:
-            raise CommitMismatchError(f"server is missing chunks {list(receipt.missing_seqs)[:8]} after a push")
+            raise CommitMismatchError(
+                f"server is missing chunks {list(receipt.missing_seqs)[:8]} after a push"
+            )
         self.client.commit(commit)
 
     def do_round(self) -> None:
@@ -231,7 +243,9 @@ class Worker:
                 except StaleRoundError as err:
                     logger.warning("round=%d update refused as stale (%s); re-pulling", round_idx, err)
                     self.pending = None
-                    self.info = self.client.heartbeat(service_pb2.HeartbeatRequest(worker_id=self.worker_id)).round
+                    self.info = self.client.heartbeat(
+                        service_pb2.HeartbeatRequest(worker_id=self.worker_id)
+                    ).round
                 except NotFoundError:
                     logger.warning("server does not know us (restarted?); joining again")
                     self.rejoin()
@@ -241,8 +255,12 @@ class Worker:
                     break
             self.pull()
             final = self.evaluate()
-            logger.info("finished source=%s final_val_ppl=%.2f", self.config.source, final.get("ppl", float("nan")))
-            self.client.leave(service_pb2.LeaveRequest(worker_id=self.worker_id, reason="finished", metrics=final))
+            logger.info(
+                "finished source=%s final_val_ppl=%.2f", self.config.source, final.get("ppl", float("nan"))
+            )
+            self.client.leave(
+                service_pb2.LeaveRequest(worker_id=self.worker_id, reason="finished", metrics=final)
+            )
             return 0
         finally:
             self._stop_beats.set()

@@ -42,7 +42,9 @@ class Replica:
         """Apply a verified pull stream; raises CommitMismatchError if the digest disagrees."""
         if info.is_delta:
             if info.base_version != self.version:
-                raise CommitMismatchError(f"delta from version {info.base_version}, replica holds {self.version}")
+                raise CommitMismatchError(
+                    f"delta from version {info.base_version}, replica holds {self.version}"
+                )
             for name, t in tensors.items():
                 if name in (EMB_ROWS, EMB_IDS):
                     continue
@@ -71,7 +73,9 @@ class Replica:
             if EMB_WEIGHT in self.tensors:
                 emb.weight.copy_(self.tensors[EMB_WEIGHT].to(emb.weight.device))
             if EMB_ROWS in self.tensors:
-                emb.import_rows(self.tensors[EMB_IDS].to(emb.weight.device), self.tensors[EMB_ROWS].to(emb.weight.device))
+                emb.import_rows(
+                    self.tensors[EMB_IDS].to(emb.weight.device), self.tensors[EMB_ROWS].to(emb.weight.device)
+                )
 
     def delta(self) -> dict[str, torch.Tensor]:
         """What this round's training changed in the shared tensors (local - replica), fp32 on CPU."""
@@ -80,7 +84,9 @@ class Replica:
             key = BODY_PREFIX + name
             out[key] = value.detach().to("cpu", torch.float32) - self.tensors[key]
         if EMB_WEIGHT in self.tensors:
-            out[EMB_WEIGHT] = self.model.embeddings.weight.detach().to("cpu", torch.float32) - self.tensors[EMB_WEIGHT]
+            out[EMB_WEIGHT] = (
+                self.model.embeddings.weight.detach().to("cpu", torch.float32) - self.tensors[EMB_WEIGHT]
+            )
         if EMB_ROWS in self.tensors:
             ids, rows = self.model.embeddings.export_rows()
             ids = ids.to("cpu", torch.int64)

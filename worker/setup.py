@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from dept_model import DeptModel, Trainer, TrainConfig, Variant, build_model, model_preset
+from dept_model import DeptModel, TrainConfig, Trainer, Variant, build_model, model_preset
 from dept_model.data import TokenBatches, load_texts, tokenize_texts
 from dept_model.tokenizer import (
     load_tokenizer,
@@ -59,7 +59,9 @@ def source_seed(seed: int, source: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(source.encode())) % (2**31)
 
 
-def build_setup(config: WorkerConfig, run: dict[str, Any], tokenizer: Tokenizer, state_dir: Path) -> WorkerSetup:
+def build_setup(
+    config: WorkerConfig, run: dict[str, Any], tokenizer: Tokenizer, state_dir: Path
+) -> WorkerSetup:
     """Load data and build the model and trainer for the variant the server runs."""
     train_texts = load_texts(config.data_spec, "train")
     val_texts = load_texts(config.data_spec, "validation")

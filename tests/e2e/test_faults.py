@@ -42,11 +42,15 @@ def test_server_killed_and_resumed_loses_no_round(global_vocab: Path, tmp_path: 
     args = server_args("spec", global_vocab, tmp_path, rounds=3)
     server = Server(args, tmp_path / "server.log")
     port = server.port
-    workers = {s: start_worker(worker_args(port, s, global_vocab, tmp_path), tmp_path / f"{s}.log") for s in SOURCES}
+    workers = {
+        s: start_worker(worker_args(port, s, global_vocab, tmp_path), tmp_path / f"{s}.log") for s in SOURCES
+    }
     metrics = tmp_path / "metrics.jsonl"
     wait_for(lambda: len(records(metrics)) >= 1, 180, "round 0 to close")
     server.kill()
-    resumed_args = [a if a != "0" or i == 0 or args[i - 1] != "--port" else str(port) for i, a in enumerate(args)]
+    resumed_args = [
+        a if a != "0" or i == 0 or args[i - 1] != "--port" else str(port) for i, a in enumerate(args)
+    ]
     server = Server([*resumed_args, "--resume"], tmp_path / "server.log")
     for s, w in workers.items():
         assert w.wait(timeout=300) == 0, (tmp_path / f"{s}.log").read_text()[-3000:]
@@ -60,5 +64,3 @@ def check_digests_all(recs: list[dict], tmp: Path) -> None:
     for source in SOURCES:
         digests = worker_digests(tmp / f"w-{source}")
         assert digests[len(recs)] == recs[-1]["body_digest"]
-
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ from tests.e2e.harness import Server, records, start_worker, worker_digests
 pytestmark = pytest.mark.slow
 
 
-def server_args(variant: str, vocab: Path, tmp: Path, rounds: int = 2, extra: list[str] | None = None) -> list[str]:
+def server_args(
+    variant: str, vocab: Path, tmp: Path, rounds: int = 2, extra: list[str] | None = None
+) -> list[str]:
     return [
         "--port", "0", "--rounds", str(rounds), "--workers", str(len(SOURCES)), "--variant", variant,
         "--model", "tiny", "--vocab", str(vocab), "--metrics-path", str(tmp / "metrics.jsonl"),

@@ -7,6 +7,7 @@ keeping sockets open; ``reset_all()`` closes every connection with an RST.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -82,10 +83,8 @@ class TcpProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def blackhole(self, on: bool = True) -> None:
         if on:

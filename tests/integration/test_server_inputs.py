@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from dept_server.config import ServerConfig
+from dept_server.run import RunningServer, start_server
 
 from dept_comm.codecs import get_codec
 from dept_comm.codecs.zstd_bounded import compress
-from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
+from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
-from dept_server.config import ServerConfig
-from dept_server.run import RunningServer, start_server
 
 TOKEN = "s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -65,7 +65,9 @@ def push(stub, messages) -> service_pb2.PushReceipt:
 
 
 def commit(stub, worker_id: str, messages, round_idx: int = 0) -> service_pb2.CommitReply:
-    request = service_pb2.CommitUpdateRequest(commit=messages[-1].commit, worker_id=worker_id, round_idx=round_idx)
+    request = service_pb2.CommitUpdateRequest(
+        commit=messages[-1].commit, worker_id=worker_id, round_idx=round_idx
+    )
     return stub.CommitUpdate(request, metadata=AUTH, timeout=30)
 
 
@@ -82,9 +84,9 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     )
     assert code_of(lambda: stub.PushUpdate(iter([]), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
     wrong = (("authorization", "Bearer nope"),)
-    assert code_of(lambda: stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=wrong, timeout=10)) == (
-        grpc.StatusCode.UNAUTHENTICATED
-    )
+    assert code_of(
+        lambda: stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=wrong, timeout=10)
+    ) == (grpc.StatusCode.UNAUTHENTICATED)
 
     worker_id = join(stub).worker_id
     info, body = pull(stub, worker_id)
@@ -111,7 +113,10 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     first = next(iter(zeros))
     misshaped = dict(zeros)
     misshaped[first] = torch.zeros(3, 3)
-    assert code_of(lambda: push(stub, upload(worker_id, info, misshaped)[:-1])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(lambda: push(stub, upload(worker_id, info, misshaped)[:-1]))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
     # NaN in the update: the stream stages, the commit is refused.
     poisoned = dict(zeros)
