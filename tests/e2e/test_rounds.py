@@ -26,6 +26,7 @@ def worker_args(port: int, source: str, vocab: Path, tmp: Path) -> list[str]:
     return [
         "--server", f"127.0.0.1:{port}", "--source", source, "--vocab", str(vocab), "--inner-steps", "3",
         "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--state-dir", str(tmp / f"w-{source}"),
+        "--device", os.environ.get("DEPT_TEST_DEVICE", "cpu"),  # cuda on a GPU host: replicas must still match
     ]  # fmt: skip
 
 
