@@ -1,0 +1,54 @@
+"""dept-server and dept-worker flags: bad values fail with a usage error naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from dept_server.cli import main as server_main
+from dept_server.config import ServerConfig
+from dept_worker.cli import main as worker_main
+from dept_worker.config import WorkerConfig
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--variant", "glob"], "--vocab"),
+        (["--workers", "2", "--min-workers", "3"], "min_workers"),
+        (["--resume"], "--checkpoint-dir"),
+        (["--variant", "nope"], "nope"),
+        (["--codec-up", "gzip"], "gzip"),
+        (["--port", "70000"], "70000"),
+    ],
+)
+def test_server_rejects_bad_flags(args: list[str], needle: str) -> None:
+    result = CliRunner().invoke(server_main, args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--source", "sw", "--server", "nohostport"], "HOST:PORT"),
+        (["--source", "sw", "--device", "tpu"], "tpu"),
+        (["--source", "sw", "--inner-steps", "0"], "inner-steps"),
+        ([], "--source"),
+    ],
+)
+def test_worker_rejects_bad_flags(args: list[str], needle: str) -> None:
+    result = CliRunner().invoke(worker_main, args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+
+
+def test_configs_validate_directly() -> None:
+    assert ServerConfig(workers=3, min_workers=2).quorum == 2
+    assert ServerConfig(workers=3).quorum == 3
+    with pytest.raises(ValueError, match="rounds"):
+        ServerConfig(rounds=0)
+    assert WorkerConfig(server="h:1", source="sw").worker_name == "sw"
+    assert WorkerConfig(server="h:1", source="sw").data_spec == "sw"
+    with pytest.raises(ValueError, match="lr"):
+        WorkerConfig(server="h:1", source="sw", lr=0)
