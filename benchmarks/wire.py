@@ -8,15 +8,16 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
 import torch
 
-from dept_comm.channel import bind, build_server, channel_options
+from dept_comm.channel import bind, build_server, channel_options, keep_freed_memory
 from dept_comm.codecs import get_codec
+from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
@@ -37,28 +38,36 @@ def _tensors(size_bytes: int) -> dict[str, torch.Tensor]:
     return {f"layer{i:03d}.weight": torch.randn(_TENSOR_BYTES // 4, generator=gen) for i in range(n)}
 
 
-class _Servicer(service_pb2_grpc.ParameterServerServicer):
-    """Push: stage and verify the commit. Pull: stream the body."""
+def _handler(body: Mapping[str, torch.Tensor], config: StreamConfig) -> grpc.GenericRpcHandler[Any, Any]:
+    """PushUpdate stages and verifies the commit; PullBody streams ``body``."""
 
-    def __init__(self, body: Mapping[str, torch.Tensor], config: StreamConfig) -> None:
-        self._body = body
-        self._config = config
-
-    def PushUpdate(  # noqa: N802
-        self, request_iterator: Iterator[pb.StreamMessage], context: grpc.ServicerContext
-    ) -> service_pb2.PushReceipt:
+    def push(requests: Iterator[pb.StreamMessage], context: grpc.ServicerContext) -> service_pb2.PushReceipt:
         rx = StreamReceiver()
-        for msg in request_iterator:
+        for msg in requests:
             rx.add(msg)
         if not rx.committed:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended without a commit")
         return rx.push_receipt()
 
-    def PullBody(  # noqa: N802
-        self, request: service_pb2.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.StreamMessage]:
+    def pull(request: service_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.StreamMessage]:
         info = StreamOpenInfo(upload_id=f"pull-{request.round_idx}", sender_id="server")
-        yield from encode_stream(self._body, open_info=info, codec=get_codec("fp32"), config=self._config)
+        yield from encode_stream(body, open_info=info, codec=get_codec("fp32"), config=config)
+
+    return grpc.method_handlers_generic_handler(
+        "dept.v1.ParameterServer",
+        {
+            "PushUpdate": grpc.stream_unary_rpc_method_handler(
+                push,
+                request_deserializer=pb.StreamMessage.FromString,
+                response_serializer=service_pb2.PushReceipt.SerializeToString,
+            ),
+            "PullBody": grpc.unary_stream_rpc_method_handler(
+                pull,
+                request_deserializer=service_pb2.PullRequest.FromString,
+                response_serializer=pb.StreamMessage.SerializeToString,
+            ),
+        },
+    )
 
 
 def _tcp_sink(listener: socket.socket, size: int) -> None:
@@ -85,54 +94,51 @@ def _serve(control: Connection, size_bytes: int, chunk_bytes: int) -> None:
     torch.set_num_threads(1)
     config = StreamConfig(chunk_bytes=chunk_bytes)
     server = build_server(4)
-    service_pb2_grpc.add_ParameterServerServicer_to_server(_Servicer(_tensors(size_bytes), config), server)
+    server.add_generic_rpc_handlers((_handler(_tensors(size_bytes), config),))
     grpc_port = bind(server, "127.0.0.1", 0)
     server.start()
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_tcp_sink, args=(listener, size_bytes), name="tcp-sink", daemon=True).start()
     control.send((grpc_port, listener.getsockname()[1]))
-    control.recv()  # any message, or EOF when the parent dies, means stop
+    try:
+        while control.recv() == "tune":
+            control.send(keep_freed_memory())
+    except EOFError:
+        pass  # the parent died; stop
     listener.close()
     server.stop(None).wait()
 
 
-def _grpc(
-    port: int, tensors: Mapping[str, torch.Tensor], config: StreamConfig
-) -> tuple[list[float], list[float]]:
-    push_s: list[float] = []
-    pull_s: list[float] = []
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options()) as channel:
-        stub = service_pb2_grpc.ParameterServerStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=30)
-        codec = get_codec("fp32")
-        for i in range(_WARMUP + _REPEATS):
-            info = StreamOpenInfo(upload_id=f"bench-{i}", sender_id="bench")
-            t0 = time.perf_counter()
-            receipt = stub.PushUpdate(
-                encode_stream(tensors, open_info=info, codec=codec, config=config), timeout=300
-            )
-            push_s.append(time.perf_counter() - t0)
-            if not receipt.digest:
-                raise CommitMismatchError("push was not committed")
-            t0 = time.perf_counter()
-            _, pulled = receive_stream(stub.PullBody(service_pb2.PullRequest(round_idx=i), timeout=300))
-            pull_s.append(time.perf_counter() - t0)
-            if len(pulled) != len(tensors):
-                raise CommitMismatchError(f"pulled {len(pulled)} tensors, sent {len(tensors)}")
-            del pulled
-    return push_s[_WARMUP:], pull_s[_WARMUP:]
+def _push(
+    stub: service_pb2_grpc.ParameterServerStub, tensors: Mapping[str, torch.Tensor], config: StreamConfig
+) -> float:
+    info = StreamOpenInfo(upload_id=f"bench-{time.monotonic_ns()}", sender_id="bench")
+    t0 = time.perf_counter()
+    receipt = stub.PushUpdate(
+        encode_stream(tensors, open_info=info, codec=get_codec("fp32"), config=config), timeout=300
+    )
+    elapsed = time.perf_counter() - t0
+    if not receipt.digest:
+        raise CommitMismatchError("push was not committed")
+    return elapsed
 
 
-def _tcp(port: int, payload: memoryview) -> list[float]:
-    out: list[float] = []
-    for _ in range(_WARMUP + _REPEATS):
-        t0 = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port)) as conn:
-            conn.sendall(payload)
-            if conn.recv(1) != b"k":
-                raise ConnectionError("tcp sink did not acknowledge")
-        out.append(time.perf_counter() - t0)
-    return out[_WARMUP:]
+def _pull(stub: service_pb2_grpc.ParameterServerStub, tensors: Mapping[str, torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    _, pulled = receive_stream(stub.PullBody(service_pb2.PullRequest(), timeout=300))
+    elapsed = time.perf_counter() - t0
+    if tensors_digest(pulled) != tensors_digest(tensors):
+        raise CommitMismatchError("pulled tensors differ from the server's")
+    return elapsed
+
+
+def _tcp(port: int, payload: memoryview) -> float:
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(payload)
+        if conn.recv(1) != b"k":
+            raise ConnectionError("tcp sink did not acknowledge")
+    return time.perf_counter() - t0
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -141,8 +147,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     The server (gRPC servicer and TCP sink) runs in a child process, the client here, so the two
     sides do not share one GIL. gRPC push ends when the server has verified the commit; pull ends
     when ``receive_stream`` has decoded every tensor. TCP sends the same bytes with ``sendall``
-    into a preallocated buffer. Setting ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` before start
-    may speed up both gRPC sides (fewer page faults); it is reported, not required.
+    into a preallocated buffer. All three are interleaved, after one untimed warm-up pass.
+
+    The top-level figures use the default allocator settings; ``keep_freed_memory`` repeats the
+    measurement after ``dept_comm.channel.keep_freed_memory()`` in both processes (freed buffers
+    stay mapped, so later streams do not page-fault them in again).
     """
     size = (32 if quick else 256) << 20
     config = StreamConfig()
@@ -156,23 +165,49 @@ def run(quick: bool = False) -> dict[str, Any]:
         if not parent.poll(120):
             raise TimeoutError("benchmark server did not start within 120 s")
         grpc_port, tcp_port = parent.recv()
-        tcp_s = _tcp(tcp_port, flat.view(torch.uint8).numpy().data)
-        push_s, pull_s = _grpc(grpc_port, tensors, config)
+        payload = flat.view(torch.uint8).numpy().data
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=channel_options()) as channel:
+            stub = service_pb2_grpc.ParameterServerStub(channel)
+            grpc.channel_ready_future(channel).result(timeout=30)
+            runs: dict[str, Callable[[], float]] = {
+                "tcp": lambda: _tcp(tcp_port, payload),
+                "push": lambda: _push(stub, tensors, config),
+                "pull": lambda: _pull(stub, tensors),
+            }
+            default = _measure(runs)
+            parent.send("tune")
+            tuned_ok = bool(parent.recv()) and keep_freed_memory()
+            tuned = _measure(runs)
     finally:
         parent.send("stop")
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    mbps = {k: size / min(v) / 1e6 for k, v in (("push", push_s), ("pull", pull_s), ("tcp", tcp_s))}
-    logger.info("wire push_s=%s pull_s=%s tcp_s=%s", push_s, pull_s, tcp_s)
+    logger.info("wire default_s=%s tuned_s=%s", default, tuned)
+    out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": config.chunk_bytes, "num_tensors": len(tensors)}
+    out |= _figures(size, default)
+    out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    out["keep_freed_memory"] = _figures(size, tuned) | {"applied": tuned_ok}
+    return out
+
+
+def _measure(runs: Mapping[str, Callable[[], float]]) -> dict[str, list[float]]:
+    # Interleaved so that all three see the same background load; the first pass is untimed.
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(_WARMUP + _REPEATS):
+        for name, one in runs.items():
+            elapsed = one()
+            if i >= _WARMUP:
+                times[name].append(elapsed)
+    return times
+
+
+def _figures(size: int, times: Mapping[str, list[float]]) -> dict[str, float]:
+    mbps = {k: size / min(v) / 1e6 for k, v in times.items()}
     return {
-        "size_bytes": size,
-        "chunk_bytes": config.chunk_bytes,
-        "num_tensors": len(tensors),
         "grpc_push_MBps": round(mbps["push"], 1),
         "grpc_pull_MBps": round(mbps["pull"], 1),
         "tcp_MBps": round(mbps["tcp"], 1),
         "push_vs_tcp": round(mbps["push"] / mbps["tcp"], 3),
         "pull_vs_tcp": round(mbps["pull"] / mbps["tcp"], 3),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }

@@ -203,7 +203,19 @@ class TensorStage:
     output tensor itself, so decoding copies nothing. Pages are touched only as data arrives.
     """
 
-    __slots__ = ("spec", "codec", "encoded_bytes", "num_chunks", "digest", "step", "held", "_out", "_buf")
+    __slots__ = (
+        "spec",
+        "codec",
+        "encoded_bytes",
+        "num_chunks",
+        "digest",
+        "step",
+        "held",
+        "_out",
+        "_buf",
+        "_hash",
+        "_hashed",
+    )
 
     def __init__(self, spec: TensorSpec, codec: Codec, h: pb.TensorHeader, first_chunk_bytes: int) -> None:
         """Check the chunk geometry and allocate the buffer.
@@ -226,6 +238,8 @@ class TensorStage:
         self.spec, self.codec = spec, codec
         self.encoded_bytes, self.num_chunks, self.digest, self.step = size, n, h.digest, step
         self.held: set[int] = set()
+        self._hash = xxhash.xxh3_128()  # payload digest, fed in chunk order while the bytes are hot
+        self._hashed = 0  # chunks folded into _hash
         self._out: torch.Tensor | None = None
         if is_same_bytes(codec.name, spec.dtype):
             out = torch.empty(spec.shape, dtype=spec.dtype)
@@ -267,6 +281,12 @@ class TensorStage:
     def store(self, chunk_idx: int, data: bytes) -> None:
         self._slice(chunk_idx)[:] = np.frombuffer(data, dtype=np.uint8)
         self.held.add(chunk_idx)
+        if chunk_idx == self._hashed:
+            self._hash.update(data)
+            self._hashed += 1
+            while self._hashed in self.held:  # chunks that came early
+                self._hash.update(self.view(self._hashed))
+                self._hashed += 1
 
     def view(self, chunk_idx: int) -> memoryview:
         """The stored bytes of chunk ``chunk_idx``."""
@@ -283,7 +303,11 @@ class TensorStage:
         spec, buf = self.spec, self._buf
         if buf is None:
             raise StreamOrderError(f"tensor {spec.name!r} was already decoded and released")
-        if xxhash.xxh3_128_digest(buf.data) != self.digest:
+        if self._hashed != self.num_chunks:
+            raise StreamOrderError(
+                f"tensor {spec.name!r} decoded with {len(self.held)}/{self.num_chunks} chunks"
+            )
+        if self._hash.digest() != self.digest:
             raise CommitMismatchError(f"tensor {spec.name!r} payload digest differs from its header")
         out = self._out if self._out is not None else self.codec.decode(buf.data, spec.shape, spec.dtype)
         if tuple(out.shape) != spec.shape or out.dtype != spec.dtype:

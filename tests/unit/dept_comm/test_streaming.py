@@ -483,3 +483,15 @@ def test_count_nonfinite_all_float_dtypes():
         assert count_nonfinite(x.to(d)) == 3
         assert count_nonfinite(torch.randn(100).to(d)) == 0
     assert count_nonfinite(torch.arange(5)) == 0
+
+
+def test_payload_digest_mismatch_is_caught_at_decode(sample):
+    _, msgs = sample
+    forged = [_copy(m) for m in msgs]
+    forged[4].chunk.header.digest = b"\x01" * 16  # stream digest still matches: only the header lies
+    rx = StreamReceiver()
+    for m in forged:
+        rx.add(m)
+    assert rx.committed
+    with pytest.raises(CommitMismatchError, match="'b' payload digest"):
+        rx.decode_all()
