@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the universal PyTorch alias)
 from torch import nn
 
-from dept_model.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_cross_entropy
+from dept_model.loss import IGNORE_INDEX, chunked_cross_entropy
 
 # Shapes: B batch, T sequence, D model width, V global vocabulary, K rows held locally (V_k),
 # R rows being imported or initialised.
@@ -87,7 +87,7 @@ class TiedEmbeddings(nn.Module):
         targets_BT: torch.Tensor,
         *,
         reduction: str = "mean",
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        chunk_tokens: int | None = None,
     ) -> torch.Tensor:
         """Cross-entropy of global targets over the local rows, chunked over tokens."""
         local_N = self.local_targets(targets_BT).reshape(-1)

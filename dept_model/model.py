@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the universal PyTorch alias)
 from torch import nn
 
-from dept_model.alibi import AlibiCache
+from dept_model.alibi import AlibiCache, alibi_bias
 from dept_model.attention import CausalSelfAttention
 from dept_model.config import ModelConfig
 from dept_model.embeddings import TiedEmbeddings
-from dept_model.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_cross_entropy
+from dept_model.loss import IGNORE_INDEX, chunked_cross_entropy
 
 # Shapes: B batch, T sequence, D model width, F feed-forward width, H heads, V vocabulary rows.
 
@@ -93,7 +93,12 @@ class Body(nn.Module):
         attn_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h_BTD.dtype
         )
-        bias_HTT = self.alibi.get(h_BTD.shape[1], h_BTD.device, attn_dtype)
+        if torch.compiler.is_compiling():
+            # Built inside the graph: a cache lookup would make dynamo guard on (and recompile for)
+            # the cache's contents; compiled, the bias is one fused elementwise kernel.
+            bias_HTT = alibi_bias(self.config.n_heads, h_BTD.shape[1], dtype=attn_dtype, device=h_BTD.device)
+        else:
+            bias_HTT = self.alibi.get(h_BTD.shape[1], h_BTD.device, attn_dtype)
         for block in self.blocks:
             h_BTD = block(h_BTD, bias_HTT)
         out_BTD: torch.Tensor = self.norm_f(h_BTD)
@@ -120,7 +125,7 @@ class DeptModel(nn.Module):
     """
 
     def __init__(
-        self, body: Body, embeddings: TiedEmbeddings, *, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+        self, body: Body, embeddings: TiedEmbeddings, *, loss_chunk_tokens: int | None = None
     ) -> None:
         super().__init__()
         if embeddings.d_model != body.config.d_model:

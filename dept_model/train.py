@@ -37,7 +37,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     compile: bool = False
     autocast_bf16: bool | None = None  # None: on for CUDA only (bf16 autocast is ~30x slower on this CPU)
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int | None = (
+        None  # None: sized to the vocabulary and device (loss.default_chunk_tokens)
+    )
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -56,7 +58,7 @@ class TrainConfig:
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.loss_chunk_tokens < 1:
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
 
 
@@ -90,15 +92,17 @@ def param_groups(model: DeptModel, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: DeptModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW: fused kernel on CUDA, multi-tensor (foreach) on CPU."""
-    fused = device.type == "cuda"
+    """AdamW with the fused kernel on CUDA and on CPU.
+
+    On CPU the fused kernel does one pass per tensor where ``foreach`` does about six: 7.7 ms
+    against 74 ms per step for the ``small`` preset on this 2-core host (foreach=False: 88 ms).
+    """
     return torch.optim.AdamW(
         param_groups(model, config.weight_decay),
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,
-        fused=fused,
-        foreach=None if fused else True,
+        fused=device.type in ("cuda", "cpu"),
     )
 
 

@@ -43,7 +43,7 @@ def build_model(
     vocab_size: int,
     source_ids: torch.Tensor | None = None,
     seed: int,
-    loss_chunk_tokens: int = 4096,
+    loss_chunk_tokens: int | None = None,
 ) -> DeptModel:
     """Build the body and the embeddings a worker of this variant holds.
 
@@ -54,7 +54,7 @@ def build_model(
         source_ids: TRIM only: sorted unique global ids ``V_k`` occurring in the source.
         seed: initial weights. The body and shared embeddings depend only on it, so every worker
             and the server agree; for SPEC/SPEC-OPT pass a per-source seed to get a private matrix.
-        loss_chunk_tokens: tokens per cross-entropy chunk.
+        loss_chunk_tokens: tokens per cross-entropy chunk (None: sized to the vocabulary and device).
 
     Raises:
         ValueError: if ``source_ids`` is missing for TRIM or given for another variant.

@@ -1,0 +1,276 @@
+"""Training-step benchmark: the plain reference step against the real Trainer step, eager and compiled."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import dataclasses
+import gc
+import logging
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dept_model.config import model_preset
+from dept_model.model import DeptModel
+from dept_model.reference import ReferenceModel, ReferenceTrainer, reference_from
+from dept_model.train import TrainConfig, Trainer
+from dept_model.variants import Variant, build_model
+
+# Shapes: B batch, T sequence.
+
+logger = logging.getLogger(__name__)
+
+# preset -> (vocab, batch, seq_len); vocab sized like a small per-source BPE tokenizer
+SETUPS = {"tiny": (2048, 8, 128), "small": (8192, 8, 256)}
+# On CUDA also a paper-sized body with a GPT-2-sized vocabulary (batch 4: the reference's explicit
+# attention keeps (B, H, T, T) float32 scores per layer).
+CUDA_SETUPS = {"125m": (50304, 4, 2048)}
+LOSS_STEPS = 10
+THREADS = 2
+
+
+@dataclass
+class _Impl:
+    name: str
+    step: Callable[[torch.Tensor, torch.Tensor], float]
+    eval_loss: Callable[[torch.Tensor, torch.Tensor], float]
+    static_bytes: Callable[[], int]
+    step_s: list[float]
+    loss_after_10: float | None = None
+    error: str | None = None
+
+
+def _synthetic_batches(
+    vocab: int, batch: int, seq_len: int, n: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A learnable stream: half the time the next token follows a fixed permutation, else Zipf noise."""
+    gen = torch.Generator().manual_seed(seed)
+    zipf_V = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    follow_V = torch.randperm(vocab, generator=gen)
+    out = []
+    for _ in range(n):
+        noise_BT = torch.multinomial(zipf_V, batch * (seq_len + 1), replacement=True, generator=gen).view(
+            batch, -1
+        )
+        keep_BT = torch.rand(batch, seq_len + 1, generator=gen) < 0.5
+        toks_BT = noise_BT.clone()
+        for t in range(1, seq_len + 1):
+            toks_BT[:, t] = torch.where(keep_BT[:, t], follow_V[toks_BT[:, t - 1]], noise_BT[:, t])
+        out.append((toks_BT[:, :-1].contiguous(), toks_BT[:, 1:].contiguous()))
+    return out
+
+
+def _state_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    return _state_bytes([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
+
+
+def _make_real(name: str, init: DeptModel, cfg: TrainConfig, device: torch.device) -> _Impl:
+    model = copy.deepcopy(init)
+    trainer = Trainer(model, cfg, device)
+
+    @torch.no_grad()
+    def eval_loss(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.eval()
+        with trainer._autocast():
+            return float(model(x.to(device), y.to(device)))
+
+    def static() -> int:
+        return _state_bytes(list(model.parameters())) + _optimizer_bytes(trainer.optimizer)
+
+    return _Impl(name, trainer.step, eval_loss, static, [])
+
+
+def _make_reference(init: DeptModel, cfg: TrainConfig, device: torch.device) -> _Impl:
+    model: ReferenceModel = reference_from(init).to(device)
+    trainer = ReferenceTrainer(model, cfg)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        return trainer.step(x.to(device), y.to(device))
+
+    @torch.no_grad()
+    def eval_loss(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.eval()
+        return float(model(x.to(device), y.to(device)))
+
+    def static() -> int:
+        return _state_bytes(list(model.parameters())) + _optimizer_bytes(trainer.optimizer)
+
+    return _Impl("reference", step, eval_loss, static, [])
+
+
+class _PeakRss:
+    """Samples this process's resident set every millisecond; ``peak`` since the last ``reset``."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.now())
+
+    def reset(self) -> int:
+        self.peak = self.now()
+        return self.peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _set_mmap_threshold(num_bytes: int) -> None:
+    """glibc: serve allocations above ``num_bytes`` with mmap so frees return memory (RSS tracks live)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, num_bytes)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except OSError:
+        logger.warning("mallopt unavailable: CPU memory figures include allocator caching")
+
+
+def _step_peak_bytes(
+    impl: _Impl, x: torch.Tensor, y: torch.Tensor, device: torch.device, rss: _PeakRss
+) -> int:
+    """Static state (weights + optimizer) plus the transient peak of one step over its start."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        impl.step(x, y)
+        transient = torch.cuda.max_memory_allocated() - start
+    else:
+        start = rss.reset()
+        impl.step(x, y)
+        transient = max(0, rss.peak - start)
+    return impl.static_bytes() + transient
+
+
+def _bench_preset(
+    preset: str, setup: tuple[int, int, int], quick: bool, device: torch.device, rss: _PeakRss
+) -> list[dict[str, Any]]:
+    vocab, batch, seq_len = setup
+    config = model_preset(preset)
+    warm, timed = (2, 4) if quick else (3, 12)
+    n_steps = max(LOSS_STEPS, warm + timed)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=2, total_steps=100)
+    data = _synthetic_batches(vocab, batch, seq_len, n_steps + 1, seed=0)
+    held_out = data.pop()
+    init = build_model(config, Variant.GLOB, vocab_size=vocab, seed=0)
+    # Like-for-like float32 first (autocast off), so loss_after_10 must match the reference; on
+    # CUDA the production bf16-autocast steps follow.
+    fp32 = dataclasses.replace(cfg, autocast_bf16=False)
+    impls = [
+        _make_reference(init, cfg, device),
+        _make_real("eager", init, fp32, device),
+        _make_real("compiled", init, dataclasses.replace(fp32, compile=True), device),
+    ]
+    if device.type == "cuda":
+        impls.append(_make_real("eager-bf16", init, cfg, device))
+        impls.append(_make_real("compiled-bf16", init, dataclasses.replace(cfg, compile=True), device))
+    if quick:
+        for impl in impls:
+            if impl.name.startswith("compiled"):
+                impl.error = "skipped in quick mode (first compile takes 10-60 s on CPU)"
+    # Round-robin: every implementation takes step i before any takes step i + 1, so all see the
+    # same machine load (this 2-core host is shared).
+    for i, (x_BT, y_BT) in enumerate(data):
+        for impl in impls:
+            if impl.error is not None:
+                continue
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                impl.step(x_BT, y_BT)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warm:
+                    impl.step_s.append(time.perf_counter() - start)
+                if i + 1 == LOSS_STEPS:
+                    impl.loss_after_10 = impl.eval_loss(*held_out)
+            except Exception as err:  # noqa: BLE001 (a compile failure is a result to report, not a crash)
+                logger.warning("bench_impl_failed preset=%s impl=%s err=%s", preset, impl.name, err)
+                impl.error = f"{type(err).__name__}: {str(err)[:500]}"
+    tokens = batch * seq_len
+    ref_tps = None
+    results = []
+    for impl in impls:
+        entry: dict[str, Any] = {"preset": preset, "impl": impl.name}
+        if impl.error is not None and not impl.step_s:
+            entry["error"] = impl.error
+            results.append(entry)
+            continue
+        median_s = statistics.median(impl.step_s)
+        tps = tokens / median_s
+        ref_tps = tps if impl.name == "reference" else ref_tps
+        entry |= {
+            "tokens_per_s": round(tps, 1),
+            "peak_mem_mb": None,
+            "loss_after_10": impl.loss_after_10,
+            "step_s_median": round(median_s, 4),
+            "step_s_min": round(min(impl.step_s), 4),
+            "timed_steps": len(impl.step_s),
+        }
+        if ref_tps:
+            entry["speedup_vs_reference"] = round(tps / ref_tps, 3)
+        results.append(entry)
+    # Memory in a second pass, one step each, with allocations above 64 KiB mmapped (so they show in RSS).
+    if device.type == "cpu":
+        _set_mmap_threshold(64 << 10)
+    for impl, entry in zip(impls, results, strict=True):
+        if "error" not in entry:
+            entry["peak_mem_mb"] = round(_step_peak_bytes(impl, *data[0], device, rss) / 2**20, 1)
+    if device.type == "cpu":
+        _set_mmap_threshold(32 << 20)
+    return results
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Benchmark ``tiny`` and ``small``: reference, eager and compiled steps on the same data and weights.
+
+    ``tokens_per_s`` uses the median step time after warm-up steps; ``loss_after_10`` is the loss on
+    a held-out batch after 10 optimizer steps; ``peak_mem_mb`` is weights + optimizer state + the
+    transient peak of one step (RSS on CPU, allocator peak on CUDA).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(THREADS)
+    rss = _PeakRss()
+    started = time.perf_counter()
+    try:
+        setups = SETUPS | (CUDA_SETUPS if device.type == "cuda" and not quick else {})
+        results = [
+            entry for preset in setups for entry in _bench_preset(preset, setups[preset], quick, device, rss)
+        ]
+    finally:
+        rss.close()
+    return {
+        "benchmark": "step",
+        "results": results,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quick": quick,
+        "setups": {p: {"vocab": v, "batch": b, "seq_len": t} for p, (v, b, t) in setups.items()},
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
