@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from dept_server.config import ServerConfig
-from dept_server.run import RunningServer, start_server
 
 from dept_comm.codecs import get_codec
 from dept_comm.codecs.zstd_bounded import compress
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
+from dept_server.config import ServerConfig
+from dept_server.run import RunningServer, start_server
 
 TOKEN = "s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from dept_bench.codecs import run
-
 from dept_comm.codecs import codec_names
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from dept_server.report import MetricsFileError, load_records, main, render_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
