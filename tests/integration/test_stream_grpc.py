@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import grpc
@@ -246,9 +247,15 @@ def test_call_with_retry_retries_only_transient_codes(env):
     assert error_from_rpc(info.value) is not None  # an app-only code maps to its base class
 
 
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_call_with_retry_gives_up_after_attempts():
     calls = []
-    with grpc.insecure_channel("127.0.0.1:1") as channel:  # nothing listens on port 1
+    with grpc.insecure_channel(f"127.0.0.1:{_closed_port()}") as channel:  # nothing listens there
         stub = service_pb2_grpc.ParameterServerStub(channel)
 
         def call():
