@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _TENSOR_BYTES = 4 << 20  # a model body is many tensors of a few MiB each
 _REPEATS = 3
+_RAW_SERVICE = "dept.bench.Raw"
 # Untimed first pass: fresh pages cost ~1.5 ms/MiB in this sandbox; later passes reuse freed memory,
 # as a long-running server and worker do.
 _WARMUP = 1
@@ -70,6 +71,29 @@ def _handler(body: Mapping[str, torch.Tensor], config: StreamConfig) -> grpc.Gen
     )
 
 
+def _raw_pieces(body: Mapping[str, torch.Tensor], chunk_bytes: int) -> list[bytes]:
+    flat = torch.cat([t.reshape(-1) for t in body.values()]).view(torch.uint8).numpy().data
+    return [bytes(flat[i : i + chunk_bytes]) for i in range(0, len(flat), chunk_bytes)]
+
+
+def _raw_handler(pieces: list[bytes]) -> grpc.GenericRpcHandler[Any, Any]:
+    """gRPC's own floor: the same bytes as prebuilt messages, no protobuf, no checks."""
+
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return sum(len(r) for r in requests).to_bytes(8, "little")
+
+    def pull(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from pieces
+
+    return grpc.method_handlers_generic_handler(
+        _RAW_SERVICE,
+        {
+            "Push": grpc.stream_unary_rpc_method_handler(push),
+            "Pull": grpc.unary_stream_rpc_method_handler(pull),
+        },
+    )
+
+
 def _tcp_sink(listener: socket.socket, size: int) -> None:
     sink = bytearray(size)  # preallocated: the socket path pays no allocation
     view = memoryview(sink)
@@ -93,8 +117,9 @@ def _serve(control: Connection, size_bytes: int, chunk_bytes: int) -> None:
     """Child process: a gRPC server and a TCP sink on loopback, until told to stop."""
     torch.set_num_threads(1)
     config = StreamConfig(chunk_bytes=chunk_bytes)
+    body = _tensors(size_bytes)
     server = build_server(4)
-    server.add_generic_rpc_handlers((_handler(_tensors(size_bytes), config),))
+    server.add_generic_rpc_handlers((_handler(body, config), _raw_handler(_raw_pieces(body, chunk_bytes))))
     grpc_port = bind(server, "127.0.0.1", 0)
     server.start()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -132,6 +157,28 @@ def _pull(stub: service_pb2_grpc.ParameterServerStub, tensors: Mapping[str, torc
     return elapsed
 
 
+def _raw_push(channel: grpc.Channel, pieces: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    call = channel.stream_unary(f"/{_RAW_SERVICE}/Push", request_serializer=None, response_deserializer=None)
+    reply = call(iter(pieces), timeout=300)
+    elapsed = time.perf_counter() - t0
+    if int.from_bytes(reply, "little") != sum(len(p) for p in pieces):
+        raise ConnectionError("raw push lost bytes")
+    return elapsed
+
+
+def _raw_pull(channel: grpc.Channel, size: int) -> float:
+    t0 = time.perf_counter()
+    call = channel.unary_stream(f"/{_RAW_SERVICE}/Pull", request_serializer=None, response_deserializer=None)
+    got = 0
+    for message in call(b"", timeout=300):
+        got += len(message)
+    elapsed = time.perf_counter() - t0
+    if got != size:
+        raise ConnectionError(f"raw pull got {got} of {size} bytes")
+    return elapsed
+
+
 def _tcp(port: int, payload: memoryview) -> float:
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as conn:
@@ -147,7 +194,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     The server (gRPC servicer and TCP sink) runs in a child process, the client here, so the two
     sides do not share one GIL. gRPC push ends when the server has verified the commit; pull ends
     when ``receive_stream`` has decoded every tensor. TCP sends the same bytes with ``sendall``
-    into a preallocated buffer. All three are interleaved, after one untimed warm-up pass.
+    into a preallocated buffer. ``grpc_raw_*`` is gRPC's own floor on the same channel: the same
+    bytes as prebuilt 1 MiB messages, no protobuf and no checks. All are interleaved, after one
+    untimed warm-up pass.
 
     The top-level figures use the default allocator settings; ``keep_freed_memory`` repeats the
     measurement after ``dept_comm.channel.keep_freed_memory()`` in both processes (freed buffers
@@ -169,10 +218,13 @@ def run(quick: bool = False) -> dict[str, Any]:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=channel_options()) as channel:
             stub = service_pb2_grpc.ParameterServerStub(channel)
             grpc.channel_ready_future(channel).result(timeout=30)
+            pieces = _raw_pieces(tensors, config.chunk_bytes)
             runs: dict[str, Callable[[], float]] = {
                 "tcp": lambda: _tcp(tcp_port, payload),
                 "push": lambda: _push(stub, tensors, config),
                 "pull": lambda: _pull(stub, tensors),
+                "raw_push": lambda: _raw_push(channel, pieces),
+                "raw_pull": lambda: _raw_pull(channel, size),
             }
             default = _measure(runs)
             parent.send("tune")
@@ -210,4 +262,8 @@ def _figures(size: int, times: Mapping[str, list[float]]) -> dict[str, float]:
         "tcp_MBps": round(mbps["tcp"], 1),
         "push_vs_tcp": round(mbps["push"] / mbps["tcp"], 3),
         "pull_vs_tcp": round(mbps["pull"] / mbps["tcp"], 3),
+        "grpc_raw_push_MBps": round(mbps["raw_push"], 1),
+        "grpc_raw_pull_MBps": round(mbps["raw_pull"], 1),
+        "raw_push_vs_tcp": round(mbps["raw_push"] / mbps["tcp"], 3),
+        "raw_pull_vs_tcp": round(mbps["raw_pull"] / mbps["tcp"], 3),
     }
