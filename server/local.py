@@ -37,9 +37,9 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _fmt_ppl(evals: dict[str, Any], source: str) -> str:
-    value = evals.get(source, {}).get("ppl")
-    return f"{value:.2f}" if isinstance(value, int | float) else "–"
+def _fmt_eval(evals: dict[str, Any], source: str, key: str) -> str:
+    value = evals.get(source, {}).get(key)
+    return f"{value:.3f}" if isinstance(value, int | float) else "–"
 
 
 def run_local(
@@ -136,9 +136,12 @@ def _print_tables(records: list[dict[str, Any]], sources: list[str]) -> None:
             f" {r['down_raw_bytes']:>12,} {ratio:>8.3f}"
         )
     before = rounds[0].get("eval", {}) if rounds else {}
-    click.echo("\nvalidation perplexity per source (before training -> after the last round)")
+    click.echo("\nvalidation per source, before training -> after the last round")
+    click.echo(f"  {'source':>10} {'perplexity':>22} {'bits per byte':>18}")
     for source in sources:
-        click.echo(f"  {source:>10}: {_fmt_ppl(before, source)} -> {_fmt_ppl(final['eval'], source)}")
+        ppl = f"{_fmt_eval(before, source, 'ppl')} -> {_fmt_eval(final['eval'], source, 'ppl')}"
+        bpb = f"{_fmt_eval(before, source, 'bits_per_byte')} -> {_fmt_eval(final['eval'], source, 'bits_per_byte')}"
+        click.echo(f"  {source:>10} {ppl:>22} {bpb:>18}")
 
 
 @click.command(context_settings={"show_default": True})
