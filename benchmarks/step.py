@@ -241,6 +241,7 @@ def _bench_preset(
             entry["peak_mem_mb"] = round(_step_peak_bytes(impl, *data[0], device, rss) / 2**20, 1)
     if device.type == "cpu":
         _set_mmap_threshold(32 << 20)
+    logger.info("bench_step_preset preset=%s results=%s", preset, results)
     return results
 
 

@@ -132,7 +132,7 @@ class TiedEmbeddings(nn.Module):
         if strict and num_held != ids_R.numel():
             missing = ids_R[~held_R][:8].tolist()
             raise ValueError(f"import_rows: {ids_R.numel() - num_held} ids not held here, e.g. {missing}")
-        self.weight[local_R[held_R]] = rows_RD.to(self.weight)[held_R.to(rows_RD.device)]
+        self.weight[local_R[held_R]] = rows_RD.to(self.weight)[held_R]
         return num_held
 
 
