@@ -18,7 +18,7 @@ import torch
 from dept_comm.channel import bind, build_server, channel_options, keep_freed_memory
 from dept_comm.codecs import get_codec
 from dept_comm.digest import tensors_digest
-from dept_comm.errors import CommitMismatchError
+from dept_comm.errors import CommitMismatchError, DeptError
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.streaming import StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream, receive_stream
@@ -113,8 +113,10 @@ def _tcp_sink(listener: socket.socket, size: int) -> None:
                 conn.sendall(b"k")
 
 
-def _serve(control: Connection, size_bytes: int, chunk_bytes: int) -> None:
-    """Child process: a gRPC server and a TCP sink on loopback, until told to stop."""
+def _serve(control: Connection, size_bytes: int, chunk_bytes: int, tuned: bool) -> None:
+    """Server process: a gRPC server and a TCP sink on loopback, until told to stop."""
+    if tuned:
+        keep_freed_memory()
     torch.set_num_threads(1)
     config = StreamConfig(chunk_bytes=chunk_bytes)
     body = _tensors(size_bytes)
@@ -126,8 +128,8 @@ def _serve(control: Connection, size_bytes: int, chunk_bytes: int) -> None:
     threading.Thread(target=_tcp_sink, args=(listener, size_bytes), name="tcp-sink", daemon=True).start()
     control.send((grpc_port, listener.getsockname()[1]))
     try:
-        while control.recv() == "tune":
-            control.send(keep_freed_memory())
+        while control.recv() == "cpu":
+            control.send(time.process_time())
     except EOFError:
         pass  # the parent died; stop
     listener.close()
@@ -191,24 +193,60 @@ def _tcp(port: int, payload: memoryview) -> float:
 def run(quick: bool = False) -> dict[str, Any]:
     """Push and pull 256 MiB (quick: 32 MiB) of float32 over loopback gRPC and TCP; best of 3 each.
 
-    The server (gRPC servicer and TCP sink) runs in a child process, the client here, so the two
+    The server (gRPC servicer and TCP sink) and the client run in two fresh processes, so the
     sides do not share one GIL. gRPC push ends when the server has verified the commit; pull ends
     when ``receive_stream`` has decoded every tensor. TCP sends the same bytes with ``sendall``
     into a preallocated buffer. ``grpc_raw_*`` is gRPC's own floor on the same channel: the same
     bytes as prebuilt 1 MiB messages, no protobuf and no checks. All are interleaved, after one
-    untimed warm-up pass.
+    untimed warm-up pass. ``cpu_ms_per_MiB`` is the least CPU time each process spent per MiB
+    (all its threads), which a loaded machine distorts far less than wall time.
 
-    The top-level figures use the default allocator settings; ``keep_freed_memory`` repeats the
-    measurement after ``dept_comm.channel.keep_freed_memory()`` in both processes (freed buffers
-    stay mapped, so later streams do not page-fault them in again).
+    The top-level figures use default allocator settings; ``keep_freed_memory`` repeats all of it
+    in two new processes that call ``dept_comm.channel.keep_freed_memory()`` first.
     """
     size = (32 if quick else 256) << 20
+    out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": StreamConfig().chunk_bytes}
+    out |= _in_process(size, tuned=False)
+    out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    out["keep_freed_memory"] = _in_process(size, tuned=True)
+    return out
+
+
+def _in_process(size: int, *, tuned: bool) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_client, args=(child, size, tuned))  # not daemonic: it starts the server
+    proc.start()
+    try:
+        if not parent.poll(600):
+            raise TimeoutError("wire benchmark client gave no result within 600 s")
+        result: dict[str, Any] = parent.recv()
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    if "error" in result:
+        raise RuntimeError(f"wire benchmark client failed: {result['error']}")
+    return result
+
+
+def _client(conn: Connection, size: int, tuned: bool) -> None:
+    """Client process: start the server process, measure, send the figures back."""
+    try:
+        conn.send(_client_measure(size, tuned))
+    except (OSError, grpc.RpcError, DeptError, TimeoutError) as err:
+        conn.send({"error": f"{type(err).__name__}: {err}"})
+
+
+def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
+    applied = keep_freed_memory() if tuned else False
     config = StreamConfig()
     tensors = _tensors(size)
     size = sum(t.numel() * 4 for t in tensors.values())
     flat = torch.cat([t.reshape(-1) for t in tensors.values()])
-    parent, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=_serve, args=(child, size, config.chunk_bytes), daemon=True)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(child, size, config.chunk_bytes, tuned), daemon=True)
     proc.start()
     try:
         if not parent.poll(120):
@@ -226,36 +264,50 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "raw_push": lambda: _raw_push(channel, pieces),
                 "raw_pull": lambda: _raw_pull(channel, size),
             }
-            default = _measure(runs)
-            parent.send("tune")
-            tuned_ok = bool(parent.recv()) and keep_freed_memory()
-            tuned = _measure(runs)
+
+            def server_cpu() -> float:
+                parent.send("cpu")
+                return float(parent.recv())
+
+            samples = _measure(runs, server_cpu)
     finally:
         parent.send("stop")
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    logger.info("wire default_s=%s tuned_s=%s", default, tuned)
-    out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": config.chunk_bytes, "num_tensors": len(tensors)}
-    out |= _figures(size, default)
-    out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
-    out["keep_freed_memory"] = _figures(size, tuned) | {"applied": tuned_ok}
-    return out
+    logger.info("wire tuned=%s samples=%s", tuned, samples)
+    return {"num_tensors": len(tensors)} | _figures(size, samples) | ({"applied": applied} if tuned else {})
 
 
-def _measure(runs: Mapping[str, Callable[[], float]]) -> dict[str, list[float]]:
-    # Interleaved so that all three see the same background load; the first pass is untimed.
-    times: dict[str, list[float]] = {name: [] for name in runs}
+Sample = tuple[float, float, float]  # wall seconds, client CPU seconds, server CPU seconds
+
+
+def _measure(
+    runs: Mapping[str, Callable[[], float]], server_cpu: Callable[[], float]
+) -> dict[str, list[Sample]]:
+    # Interleaved so that all see the same background load; the first pass is untimed. CPU time
+    # (all threads of each process) is steadier than wall time on a shared machine.
+    samples: dict[str, list[Sample]] = {name: [] for name in runs}
     for i in range(_WARMUP + _REPEATS):
         for name, one in runs.items():
+            s0, c0 = server_cpu(), time.process_time()
             elapsed = one()
+            c1, s1 = time.process_time(), server_cpu()
             if i >= _WARMUP:
-                times[name].append(elapsed)
-    return times
+                samples[name].append((elapsed, c1 - c0, s1 - s0))
+    return samples
 
 
-def _figures(size: int, times: Mapping[str, list[float]]) -> dict[str, float]:
-    mbps = {k: size / min(v) / 1e6 for k, v in times.items()}
+def _figures(size: int, samples: Mapping[str, list[Sample]]) -> dict[str, Any]:
+    mbps = {k: size / min(x[0] for x in v) / 1e6 for k, v in samples.items()}
+    mib = size / (1 << 20)
+    cpu = {
+        k: {
+            "client": round(1e3 * min(x[1] for x in v) / mib, 3),
+            "server": round(1e3 * min(x[2] for x in v) / mib, 3),
+        }
+        for k, v in samples.items()
+    }
     return {
         "grpc_push_MBps": round(mbps["push"], 1),
         "grpc_pull_MBps": round(mbps["pull"], 1),
@@ -266,4 +318,5 @@ def _figures(size: int, times: Mapping[str, list[float]]) -> dict[str, float]:
         "grpc_raw_pull_MBps": round(mbps["raw_pull"], 1),
         "raw_push_vs_tcp": round(mbps["raw_push"] / mbps["tcp"], 3),
         "raw_pull_vs_tcp": round(mbps["raw_pull"] / mbps["tcp"], 3),
+        "cpu_ms_per_MiB": cpu,
     }
