@@ -115,6 +115,7 @@ class _PeakRss:
     def __init__(self) -> None:
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self.peak = self.now()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -125,11 +126,13 @@ class _PeakRss:
 
     def _run(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self.now())
+            with self._lock:  # never write back a peak read before a reset
+                self.peak = max(self.peak, self.now())
 
     def reset(self) -> int:
-        self.peak = self.now()
-        return self.peak
+        with self._lock:
+            self.peak = self.now()
+            return self.peak
 
     def close(self) -> None:
         self._stop.set()
@@ -164,9 +167,14 @@ def _step_peak_bytes(
     return impl.static_bytes() + transient
 
 
-def _bench_preset(
-    preset: str, setup: tuple[int, int, int], quick: bool, device: torch.device, rss: _PeakRss
-) -> list[dict[str, Any]]:
+@dataclass
+class _PresetRun:
+    results: list[dict[str, Any]]
+    impls: list[_Impl]
+    batch: tuple[torch.Tensor, torch.Tensor]
+
+
+def _bench_preset(preset: str, setup: tuple[int, int, int], quick: bool, device: torch.device) -> _PresetRun:
     vocab, batch, seq_len = setup
     config = model_preset(preset)
     warm, timed = (2, 4) if quick else (3, 12)
@@ -233,16 +241,42 @@ def _bench_preset(
         if ref_tps:
             entry["speedup_vs_reference"] = round(tps / ref_tps, 3)
         results.append(entry)
-    # Memory in a second pass, one step each, with allocations above 64 KiB mmapped (so they show in RSS).
+    logger.info("bench_step_preset preset=%s results=%s", preset, results)
+    return _PresetRun(results, impls, data[0])
+
+
+def _measure_memory(runs: list[_PresetRun], device: torch.device, rss: _PeakRss) -> None:
+    """One more step per implementation, after all timing, with allocations above 64 KiB mmapped on
+    CPU so that freed memory leaves the RSS (timing ran with glibc's default allocator behaviour)."""
     if device.type == "cpu":
         _set_mmap_threshold(64 << 10)
-    for impl, entry in zip(impls, results, strict=True):
-        if "error" not in entry:
-            entry["peak_mem_mb"] = round(_step_peak_bytes(impl, *data[0], device, rss) / 2**20, 1)
+    for run in runs:
+        for impl, entry in zip(run.impls, run.results, strict=True):
+            if "error" not in entry:
+                entry["peak_mem_mb"] = round(_step_peak_bytes(impl, *run.batch, device, rss) / 2**20, 1)
     if device.type == "cpu":
         _set_mmap_threshold(32 << 20)
-    logger.info("bench_step_preset preset=%s results=%s", preset, results)
-    return results
+
+
+def _acceptance(results: list[dict[str, Any]], preset: str) -> dict[str, Any]:
+    """Best real step against the reference on one preset: speed ratio and loss gap after 10 steps."""
+    ref = next(
+        (r for r in results if r["preset"] == preset and r["impl"] == "reference" and "error" not in r), None
+    )
+    real = [
+        r
+        for r in results
+        if r["preset"] == preset and r["impl"] in ("eager", "compiled") and "error" not in r
+    ]
+    if ref is None or not real:
+        return {"preset": preset, "error": "missing reference or real step"}
+    best = max(real, key=lambda r: r["tokens_per_s"])
+    return {
+        "preset": preset,
+        "best_impl": best["impl"],
+        "speedup": round(best["tokens_per_s"] / ref["tokens_per_s"], 3),
+        "loss_gap": abs(best["loss_after_10"] - ref["loss_after_10"]),
+    }
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -258,14 +292,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         setups = SETUPS | (CUDA_SETUPS if device.type == "cuda" and not quick else {})
-        results = [
-            entry for preset in setups for entry in _bench_preset(preset, setups[preset], quick, device, rss)
-        ]
+        runs = [_bench_preset(preset, setup, quick, device) for preset, setup in setups.items()]
+        _measure_memory(runs, device, rss)
     finally:
         rss.close()
+    results = [entry for run in runs for entry in run.results]
     return {
         "benchmark": "step",
         "results": results,
+        "acceptance": _acceptance(results, "small"),
         "device": device.type,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),

@@ -35,7 +35,7 @@ class CausalSelfAttention(nn.Module):
             q_BHTE,
             k_BHTE,
             v_BHTE,
-            attn_mask=bias_HTT,
+            attn_mask=bias_HTT.unsqueeze(0),  # 4-D: a 3-D mask sends CPU SDPA to its slow math path
             dropout_p=self.dropout if self.training else 0.0,
         )
         y_BTD = y_BHTE.transpose(1, 2).reshape(B, T, D)
