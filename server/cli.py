@@ -35,6 +35,7 @@ CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint.")
 @click.option("--metrics-path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None)
+@click.option("--linger", "linger_s", type=click.FloatRange(min=0), default=0.0, help="Serve final metrics this long.")
 @click.option("--seed", type=int, default=0)
 @click.option("--token", envvar="DEPT_TOKEN", default=None, help="Shared secret workers must present.")
 def main(**options: object) -> None:

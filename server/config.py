@@ -36,6 +36,7 @@ class ServerConfig:
     max_workers_threads: int = 32
     grace_s: float = 5.0
     token: str | None = None  # shared secret workers must present
+    linger_s: float = 0.0  # after the last round, keep serving --metrics-port for a final scrape
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

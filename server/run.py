@@ -83,6 +83,9 @@ def run(config: ServerConfig, stop_requested: threading.Event, *, final_eval_wai
         # Workers pull the final body, evaluate it and report on Leave; give them a moment.
         app.wait_all_left(final_eval_wait_s)
         app.write_final()
+        if running.metrics_server is not None and config.linger_s > 0:
+            logger.info("run finished; serving final metrics for %.0f s", config.linger_s)
+            stop_requested.wait(config.linger_s)
     running.stop(config.grace_s)
     print(summary_table(app.records), flush=True)
     return 0

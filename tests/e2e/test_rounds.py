@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import SOURCES
-from tests.e2e.harness import Server, records, start_worker, wait_for, worker_digests
+from tests.e2e.harness import Server, records, start_worker, worker_digests
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +34,16 @@ def worker_args(port: int, source: str, vocab: Path, tmp: Path) -> list[str]:
 
 
 def run_variant(variant: str, vocab: Path, tmp: Path) -> list[dict]:
-    server = Server(server_args(variant, vocab, tmp, extra=["--metrics-port", "0"]), tmp / "server.log")
+    extra = ["--metrics-port", "0", "--linger", "30"]
+    server = Server(server_args(variant, vocab, tmp, extra=extra), tmp / "server.log")
     workers = [start_worker(worker_args(server.port, s, vocab, tmp), tmp / f"{s}.log") for s in SOURCES]
-    # The same figures are served live in Prometheus text format while the run goes on.
-    wait_for(lambda: len(records(tmp / "metrics.jsonl")) >= 1, 240, "the first round to close")
+    for w in workers:
+        assert w.wait(timeout=240) == 0, (tmp / "sw.log").read_text()[-3000:]
+    # The same figures are served in Prometheus text format (the server lingers for a final scrape).
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert "dept_round_up_payload_bytes" in text and 'source="sw"' in text, text[:2000]
-    for w in workers:
-        assert w.wait(timeout=240) == 0, (tmp / "sw.log").read_text()[-3000:]
+    server.proc.send_signal(signal.SIGTERM)  # ends the linger: a clean stop, exit 0
     assert server.wait() == 0, server.log.read_text()[-3000:]
     return records(tmp / "metrics.jsonl")
 
