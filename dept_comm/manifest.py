@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import xxhash
 
+from dept_comm.buffers import empty_bytes
 from dept_comm.codecs import Codec, CodecParams, get_codec
 from dept_comm.digest import Group, Manifest, TensorSpec, count_nonfinite, dtype_from_pb, dtype_to_pb
 from dept_comm.errors import (
@@ -242,16 +243,16 @@ class TensorStage:
         self._hashed = 0  # chunks folded into _hash
         self._out: torch.Tensor | None = None
         if is_same_bytes(codec.name, spec.dtype):
-            out = torch.empty(spec.shape, dtype=spec.dtype)
-            if out.numel() * out.element_size() != size:
-                need = out.numel() * out.element_size()
+            need = math.prod(spec.shape) * torch.empty(0, dtype=spec.dtype).element_size()
+            if need != size:
                 raise SizeLimitError(
                     f"{codec.name} payload of {spec.name!r} is {size} bytes, shape needs {need}"
                 )
-            self._out = out
-            self._buf: np.ndarray | None = out.reshape(-1).view(torch.uint8).numpy()
+            raw = empty_bytes(size)
+            self._out = raw.view(spec.dtype).reshape(spec.shape)
+            self._buf: np.ndarray | None = raw.numpy()
         else:
-            self._buf = torch.empty(size, dtype=torch.uint8).numpy()
+            self._buf = empty_bytes(size).numpy()
 
     def chunk_size(self, chunk_idx: int) -> int:
         return self.step if chunk_idx < self.num_chunks - 1 else self.encoded_bytes - self.step * chunk_idx

