@@ -361,22 +361,12 @@ class ServerApp:
 
     def _round_record(self, round_idx: int, num_workers: int) -> RoundMetrics:
         per_worker = self._rounds.pop(round_idx, {})
-        workers = []
-        for worker_id, wr in sorted(per_worker.items()):
-            up, down = wr.up.total(), wr.down.total()
-            workers.append(
-                WorkerRoundMetrics(
-                    worker_id=worker_id,
-                    source=wr.source,
-                    up_raw_bytes=up.raw_bytes,
-                    up_payload_bytes=up.payload_bytes,
-                    down_raw_bytes=down.raw_bytes,
-                    down_payload_bytes=down.payload_bytes,
-                    train_loss=wr.train_loss,
-                    up_by_group=wr.up.by_group(),
-                    down_by_group=wr.down.by_group(),
-                )
+        workers = [
+            WorkerRoundMetrics.from_meters(
+                worker_id, wr.source, up=wr.up, down=wr.down, train_loss=wr.train_loss
             )
+            for worker_id, wr in sorted(per_worker.items())
+        ]
         evals = {wr.source: wr.metrics for wr in per_worker.values() if wr.metrics}
         return RoundMetrics(
             round=round_idx,

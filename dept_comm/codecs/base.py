@@ -52,6 +52,17 @@ class Codec(Protocol):
         ...
 
 
+class ParameterlessCodec:
+    """Shared plumbing of codecs that take no parameters (``fp32``, ``raw``, ``bf16``)."""
+
+    def __init__(self, params: CodecParams | None = None) -> None:
+        self._params = CodecParams()
+
+    @property
+    def params(self) -> CodecParams:
+        return self._params
+
+
 CodecFactory = Callable[[CodecParams], Codec]
 _REGISTRY: dict[str, CodecFactory] = {}
 

@@ -20,7 +20,7 @@ from dept_comm.codecs._common import (
     float32_flat,
     numel_of,
 )
-from dept_comm.codecs.base import CodecParams, register_codec
+from dept_comm.codecs.base import ParameterlessCodec, register_codec
 from dept_comm.errors import SizeLimitError
 
 
@@ -48,18 +48,11 @@ def bf16_bits_decode(bits: np.ndarray, shape: Sequence[int], dtype: torch.dtype)
     return finish(torch.from_numpy(bf16_bits_to_float32(bits)), shape, dtype)
 
 
-class Bf16:
+class Bf16(ParameterlessCodec):
     """Lossy bfloat16 codec; decodes to any floating dtype (exactly, to bfloat16 itself)."""
 
     name: ClassVar[str] = "bf16"
     lossless: ClassVar[bool] = False
-
-    def __init__(self, params: CodecParams | None = None) -> None:
-        self._params = CodecParams()
-
-    @property
-    def params(self) -> CodecParams:
-        return self._params
 
     def encode(self, x: torch.Tensor) -> bytes:
         return to_bf16_bits(x).numpy().tobytes()

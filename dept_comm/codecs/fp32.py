@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from dept_comm.codecs.base import CodecParams, register_codec
+from dept_comm.codecs.base import ParameterlessCodec, register_codec
 from dept_comm.errors import ManifestMismatchError, SizeLimitError
 
 _NUMPY_DTYPE: dict[torch.dtype, str] = {
@@ -41,18 +41,11 @@ def _raw_decode(
     return torch.from_numpy(arr.copy())
 
 
-class Fp32:
+class Fp32(ParameterlessCodec):
     """Lossless float32 codec (no compression); decodes to any floating dtype."""
 
     name: ClassVar[str] = "fp32"
     lossless: ClassVar[bool] = True
-
-    def __init__(self, params: CodecParams | None = None) -> None:
-        self._params = CodecParams()
-
-    @property
-    def params(self) -> CodecParams:
-        return self._params
 
     def encode(self, x: torch.Tensor) -> bytes:
         arr = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
@@ -70,18 +63,11 @@ class Fp32:
         return 4 * numel
 
 
-class Raw:
+class Raw(ParameterlessCodec):
     """Lossless bytes of the tensor in its own dtype (for integer tensors such as token ids)."""
 
     name: ClassVar[str] = "raw"
     lossless: ClassVar[bool] = True
-
-    def __init__(self, params: CodecParams | None = None) -> None:
-        self._params = CodecParams()
-
-    @property
-    def params(self) -> CodecParams:
-        return self._params
 
     def encode(self, x: torch.Tensor) -> bytes:
         t = x.detach().to("cpu").contiguous()
