@@ -21,7 +21,14 @@ from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError, DeptError
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
-from dept_comm.streaming import StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream, receive_stream
+from dept_comm.streaming import (
+    PULL_LIMITS,
+    StreamConfig,
+    StreamOpenInfo,
+    StreamReceiver,
+    encode_stream,
+    receive_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +123,7 @@ def _tcp_sink(listener: socket.socket, size: int) -> None:
 def _serve(control: Connection, size_bytes: int, chunk_bytes: int, tuned: bool) -> None:
     """Server process: a gRPC server and a TCP sink on loopback, until told to stop."""
     if tuned:
-        keep_freed_memory()
+        keep_freed_memory(max_arenas=0)  # what dept-server and dept-worker do at start
     torch.set_num_threads(1)
     config = StreamConfig(chunk_bytes=chunk_bytes)
     body = _tensors(size_bytes)
@@ -152,7 +159,9 @@ def _push(
 
 def _pull(stub: service_pb2_grpc.ParameterServerStub, tensors: Mapping[str, torch.Tensor]) -> float:
     t0 = time.perf_counter()
-    _, pulled = receive_stream(stub.PullBody(service_pb2.PullRequest(), timeout=300))
+    # As a worker pulls: the body digest (checked below) proves it equals the server's, whose
+    # updates were each checked finite on arrival, so the pull skips its own finiteness pass.
+    _, pulled = receive_stream(stub.PullBody(service_pb2.PullRequest(), timeout=300), limits=PULL_LIMITS)
     elapsed = time.perf_counter() - t0
     if tensors_digest(pulled) != tensors_digest(tensors):
         raise CommitMismatchError("pulled tensors differ from the server's")
@@ -201,14 +210,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     untimed warm-up pass. ``cpu_ms_per_MiB`` is the least CPU time each process spent per MiB
     (all its threads), which a loaded machine distorts far less than wall time.
 
-    The top-level figures use default allocator settings; ``keep_freed_memory`` repeats all of it
-    in two new processes that call ``dept_comm.channel.keep_freed_memory()`` first.
+    The top-level figures use the allocator setting dept-server and dept-worker use
+    (``dept_comm.channel.keep_freed_memory(max_arenas=0)``); ``default_allocator`` repeats all of
+    it in two new processes with glibc's defaults.
     """
     size = (32 if quick else 256) << 20
     out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": StreamConfig().chunk_bytes}
-    out |= _in_process(size, tuned=False)
+    out |= _in_process(size, tuned=True)
     out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
-    out["keep_freed_memory"] = _in_process(size, tuned=True)
+    out["default_allocator"] = _in_process(size, tuned=False)
     return out
 
 
@@ -239,7 +249,7 @@ def _client(conn: Connection, size: int, tuned: bool) -> None:
 
 
 def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
-    applied = keep_freed_memory() if tuned else False
+    applied = keep_freed_memory(max_arenas=0) if tuned else False
     config = StreamConfig()
     tensors = _tensors(size)
     size = sum(t.numel() * 4 for t in tensors.values())

@@ -26,6 +26,7 @@ from dept_comm.manifest import (
     DEFAULT_LIMITS,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
+    PULL_LIMITS,
     Encoder,
     ReceiveLimits,
     TensorStage,
@@ -38,6 +39,7 @@ from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = [
+    "PULL_LIMITS",
     "ReceiveLimits",
     "StreamConfig",
     "StreamOpenInfo",

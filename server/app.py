@@ -17,11 +17,12 @@ import torch
 
 from dept_comm.accounting import ByteMeter, RoundMetrics, WorkerRoundMetrics, metered
 from dept_comm.checkpoint import CheckpointStore
-from dept_comm.coordinator import CoordinatorConfig, RoundCoordinator
+from dept_comm.coordinator import CoordinatorConfig, RoundCoordinator, worker_id_for
 from dept_comm.errors import (
     ManifestMismatchError,
     NotFoundError,
     PermissionDeniedError,
+    RunFinishedError,
     StaleRoundError,
     StreamOrderError,
 )
@@ -109,7 +110,9 @@ class ServerApp:
         self.model.restore(ckpt.tensors, version=int(meta["version"]))
         if self.model.digest.hex() != meta["digest"]:
             raise ManifestMismatchError("checkpoint digest does not match its tensors")
-        self.coordinator.restore(int(meta["round_idx"]), int(meta["version"]), self.model.digest)
+        state = self.coordinator.restore(int(meta["round_idx"]), int(meta["version"]), self.model.digest)
+        if state.finished:  # killed after its last round: serve final pulls and evaluations, then exit
+            self.finished.set()
         self.records = [RoundMetrics.from_dict(r) for r in meta.get("records", [])]
         if self.config.metrics_path is not None:
             tmp = self.config.metrics_path.with_name(self.config.metrics_path.name + ".tmp")
@@ -158,14 +161,19 @@ class ServerApp:
                     f"worker cannot use codec {codec!r}; it offers {list(req.codecs)}"
                 )
         name = req.worker_name or req.source_id
-        info = self.coordinator.join(name, req.source_id, variant, req.vocab_digest.hex())
+        try:
+            worker_id = self.coordinator.join(name, req.source_id, variant, req.vocab_digest.hex()).worker_id
+        except RunFinishedError:
+            # A worker back after the last round (its server restarted, or it did) may still pull
+            # the final body to evaluate it and report on Leave; it takes part in no round.
+            worker_id = worker_id_for(name)
         with self._lock:
-            self._sources[info.worker_id] = req.source_id
-        logger.info("join worker=%s source=%s", info.worker_id, req.source_id)
+            self._sources[worker_id] = req.source_id
+        logger.info("join worker=%s source=%s", worker_id, req.source_id)
         return service_pb2.JoinReply(
-            worker_id=info.worker_id,
+            worker_id=worker_id,
             run_config_json=json.dumps(self.run_info),
-            round=self.round_info(info.worker_id),
+            round=self.round_info(worker_id),
             codec_up=self.config.codec_up,
             codec_down=self.config.codec_down,
         )
@@ -306,7 +314,11 @@ class ServerApp:
 
     def leave(self, req: service_pb2.LeaveRequest) -> service_pb2.LeaveReply:
         self._known(req.worker_id)
-        self.coordinator.leave(req.worker_id)
+        try:
+            self.coordinator.leave(req.worker_id)
+        except NotFoundError:
+            if not self.coordinator.current_round().finished:
+                raise  # only a worker admitted after the run's end is unknown to the coordinator
         with self._lock:
             if req.metrics:
                 self.final_eval[self._sources[req.worker_id]] = _finite(req.metrics)

@@ -24,7 +24,7 @@ from dept_comm.errors import (
     StaleRoundError,
 )
 from dept_comm.pb import service_pb2, tensor_pb2
-from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
+from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
 from dept_model import Variant, evaluate
 from dept_model.data import eval_batches
 
@@ -101,7 +101,7 @@ class Worker:
                 full=full or attempt == 1 or self.replica.version < 0,
                 embedding_rows=self._row_ids(),
             )
-            info, tensors = receive_stream(self.client.pull(request))
+            info, tensors = receive_stream(self.client.pull(request), limits=PULL_LIMITS)
             try:
                 self.replica.apply_pull(info, tensors)
                 self.store.record_digest(self.replica.version, self.replica.body_digest().hex())
@@ -253,7 +253,11 @@ class Worker:
                     self.wait_for_close(round_idx - 1)
                 except RunFinishedError:
                     break
-            self.pull()
+            try:
+                self.pull()
+            except NotFoundError:  # the server restarted after the last round: join, then pull
+                self.rejoin()
+                self.pull()
             final = self.evaluate()
             logger.info(
                 "finished source=%s final_val_ppl=%.2f", self.config.source, final.get("ppl", float("nan"))

@@ -30,10 +30,13 @@ def test_worker_killed_and_restarted_continues(global_vocab: Path, tmp_path: Pat
         assert w.wait(timeout=300) == 0, (tmp_path / f"{s}.log").read_text()[-3000:]
     assert server.wait() == 0, server.log.read_text()[-3000:]
     recs = [r for r in records(tmp_path / "metrics.jsonl") if r.get("kind") != "final"]
-    assert [r["round"] for r in recs] == [0, 1, 2]
-    assert all(r["num_workers"] == 2 for r in recs), "the restarted worker contributed to every round"
+    summary = [(r["round"], r["num_workers"]) for r in recs]
+    assert [r["round"] for r in recs] == [0, 1, 2], summary
+    assert all(r["num_workers"] == 2 for r in recs), (
+        f"the restarted worker must count in every round: {summary}"
+    )
     after = json.loads(progress.read_text())
-    assert after["round_idx"] == 2 and after["round_idx"] > saved_round
+    assert after["round_idx"] == 2 and after["round_idx"] > saved_round, (after, saved_round)
     digests = worker_digests(tmp_path / f"w-{victim}")
     assert digests[3] == recs[-1]["body_digest"]
 
