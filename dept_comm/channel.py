@@ -49,6 +49,17 @@ class BindError(OSError):
     """The server could not listen on the requested address (usually: the port is taken)."""
 
 
+def _shared_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """What both ends must agree on: message limits and keepalive."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 def server_options(
     max_message_bytes: int = MAX_CHUNK_BYTES + MESSAGE_HEADROOM_BYTES,
 ) -> list[tuple[str, int]]:
@@ -58,11 +69,7 @@ def server_options(
     sharing it.
     """
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *_shared_options(max_message_bytes),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.max_connection_idle_ms", 15 * 60_000),
@@ -75,11 +82,7 @@ def channel_options(
 ) -> list[tuple[str, Any]]:
     """Client channel arguments agreeing with ``server_options`` (keepalive, limits, reconnects)."""
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *_shared_options(max_message_bytes),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 1_000),
         ("grpc.max_reconnect_backoff_ms", 20_000),
