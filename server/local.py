@@ -127,7 +127,7 @@ def _print_tables(records: list[dict[str, Any]], sources: list[str]) -> None:
     final: dict[str, Any] = next((r for r in records if r.get("kind") == "final"), {"eval": {}})
     click.echo("\nbytes per round (payload = protobuf bytes on the wire; raw = fp32 tensor bytes)")
     click.echo(
-        f"{'round':>5} {'up payload':>12} {'up raw':>12} {'down payload':>13} {'down raw':>12} {'up/fp32':>8}"
+        f"{'round':>5} {'up payload':>12} {'up raw':>12} {'down payload':>13} {'down raw':>12} {'up/raw':>8}"
     )
     for r in rounds:
         ratio = r["up_payload_bytes"] / max(r["up_raw_bytes"], 1)
