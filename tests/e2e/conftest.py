@@ -12,6 +12,12 @@ SOURCES = ["sw", "en"]
 
 
 @pytest.fixture(scope="session")
-def global_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vocabs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The global tokenizer (key "global") and one per source (spec-opt), trained once."""
     out = tmp_path_factory.mktemp("tokenizers")
-    return build_tokenizers(SOURCES, vocab_size=512, out_dir=out, per_source=False)["global"]
+    return build_tokenizers(SOURCES, vocab_size=512, out_dir=out, per_source=True)
+
+
+@pytest.fixture(scope="session")
+def global_vocab(vocabs: dict[str, Path]) -> Path:
+    return vocabs["global"]
