@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import xxhash
 
-from dept_comm.buffers import empty_bytes
 from dept_comm.codecs import Codec, CodecParams, get_codec
 from dept_comm.digest import Group, Manifest, TensorSpec, count_nonfinite, dtype_from_pb, dtype_to_pb
 from dept_comm.errors import (
@@ -251,11 +250,11 @@ class TensorStage:
                 raise SizeLimitError(
                     f"{codec.name} payload of {spec.name!r} is {size} bytes, shape needs {need}"
                 )
-            raw = empty_bytes(size)
+            raw = torch.empty(size, dtype=torch.uint8)
             self._out = raw.view(spec.dtype).reshape(spec.shape)
             self._buf: np.ndarray | None = raw.numpy()
         else:
-            self._buf = empty_bytes(size).numpy()
+            self._buf = torch.empty(size, dtype=torch.uint8).numpy()
 
     def chunk_size(self, chunk_idx: int) -> int:
         return self.step if chunk_idx < self.num_chunks - 1 else self.encoded_bytes - self.step * chunk_idx
