@@ -295,6 +295,14 @@ class TensorStage:
         """The stored bytes of chunk ``chunk_idx``."""
         return self._slice(chunk_idx).data
 
+    def verify_digest(self) -> None:
+        """Raise unless every chunk is held and the payload hashes to the header's digest."""
+        if self._hashed != self.num_chunks or self._hash.digest() != self.digest:
+            raise CommitMismatchError(
+                f"tensor {self.spec.name!r}: payload of {len(self.held)}/{self.num_chunks} chunks"
+                " does not hash to its header's digest"
+            )
+
     def decode(self, require_finite: bool) -> torch.Tensor:
         """Verify the payload digest, decode, check the result, and release the buffer.
 
@@ -310,8 +318,7 @@ class TensorStage:
             raise StreamOrderError(
                 f"tensor {spec.name!r} decoded with {len(self.held)}/{self.num_chunks} chunks"
             )
-        if self._hash.digest() != self.digest:
-            raise CommitMismatchError(f"tensor {spec.name!r} payload digest differs from its header")
+        self.verify_digest()
         out = self._out if self._out is not None else self.codec.decode(buf.data, spec.shape, spec.dtype)
         if tuple(out.shape) != spec.shape or out.dtype != spec.dtype:
             raise ManifestMismatchError(

@@ -131,7 +131,7 @@ def encode_stream(
         payload = tensor_payload(name, x, c, encoder)
         header = build_header(name, x, c, payload, group, step)
         num_chunks = header.num_chunks
-        stream_hash.update(payload)
+        stream_hash.update(header.digest)  # the commit covers every tensor's payload digest
         for chunk_idx in range(num_chunks):
             data = bytes(payload[chunk_idx * step : (chunk_idx + 1) * step])
             msg = pb.StreamMessage()
@@ -188,8 +188,6 @@ class StreamReceiver:
         self._max_seq = -1
         self._raw_total = 0
         self._staged_bytes = 0
-        self._hash = xxhash.xxh3_128()
-        self._hashed_upto = 0  # every seq below this is folded into _hash
         self._commit: pb.Commit | None = None
         self._discarded = False
         self._decoding = False
@@ -301,10 +299,6 @@ class StreamReceiver:
         self._staged_bytes += len(data)
         self._held[c.seq] = (c.tensor_idx, c.chunk_idx)
         self._max_seq = max(self._max_seq, c.seq)
-        if c.seq == self._hashed_upto:  # in order: hash the bytes at hand
-            self._hash.update(data)
-            self._hashed_upto += 1
-            self._advance_hash()
 
     def _check_duplicate(self, c: pb.TensorChunk, held: tuple[int, int], data: bytes) -> None:
         if self._decoding:
@@ -313,18 +307,12 @@ class StreamReceiver:
         if not same:
             raise ConflictError(f"chunk seq={c.seq} resent with different content")
 
-    def _advance_hash(self) -> None:
-        while self._hashed_upto in self._held:
-            t_idx, c_idx = self._held[self._hashed_upto]
-            self._hash.update(self._tensors[t_idx].view(c_idx))
-            self._hashed_upto += 1
-
     def missing_seqs(self) -> list[int]:
         """Seqs below the highest one held that have not arrived."""
         with self._lock:
             if len(self._held) == self._max_seq + 1:
                 return []
-            return [s for s in range(self._hashed_upto, self._max_seq) if s not in self._held]
+            return [s for s in range(self._max_seq) if s not in self._held]
 
     def receipt(self) -> tuple[int, list[int]]:
         """(chunks held, missing seqs below the highest seen)."""
@@ -385,8 +373,12 @@ class StreamReceiver:
                 raise CommitMismatchError(
                     f"tensor {t.spec.name!r} holds {len(t.held)} of {t.num_chunks} chunks"
                 )
-        assert self._hashed_upto == total, "all seqs are held, so all are hashed"
-        digest = self._hash.digest()
+        for t in self._tensors.values():
+            t.verify_digest()  # each payload was hashed once, chunk by chunk, as it arrived
+        stream = xxhash.xxh3_128()
+        for idx in sorted(self._tensors):
+            stream.update(self._tensors[idx].digest)
+        digest = stream.digest()
         if c.digest != digest:
             raise CommitMismatchError(f"commit digest {c.digest.hex()} != received {digest.hex()}")
         self._commit = pb.Commit()

@@ -210,7 +210,7 @@ class Commit(_message.Message):
     """total chunks in the stream"""
     num_tensors: _builtins.int
     digest: _builtins.bytes
-    """xxh3-128 over the data of every chunk, in seq order"""
+    """xxh3-128 over every tensor header's payload digest, in tensor order"""
     def __init__(
         self,
         *,

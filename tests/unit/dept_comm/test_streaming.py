@@ -485,13 +485,12 @@ def test_count_nonfinite_all_float_dtypes():
     assert count_nonfinite(torch.arange(5)) == 0
 
 
-def test_payload_digest_mismatch_is_caught_at_decode(sample):
+def test_payload_digest_mismatch_is_caught_at_commit(sample):
     _, msgs = sample
     forged = [_copy(m) for m in msgs]
-    forged[4].chunk.header.digest = b"\x01" * 16  # stream digest still matches: only the header lies
+    forged[4].chunk.header.digest = b"\x01" * 16  # CRCs still match: only the header lies
     rx = StreamReceiver()
-    for m in forged:
-        rx.add(m)
-    assert rx.committed
-    with pytest.raises(CommitMismatchError, match="'b' payload digest"):
-        rx.decode_all()
+    with pytest.raises(CommitMismatchError, match="'b'.*does not hash to its header's digest"):
+        for m in forged:
+            rx.add(m)
+    assert not rx.committed
