@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 
 from dept_comm.codecs import Codec, codec_names, get_codec
@@ -18,6 +19,7 @@ from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.digest import Group
 from dept_comm.errors import (
     CommitMismatchError,
+    DeptError,
     NotFoundError,
     RoundNotOpenError,
     RunFinishedError,
@@ -213,7 +215,7 @@ class Worker:
                         worker_id=self.worker_id, round_idx=self.info.round_idx, train_loss=self.last_loss
                     )
                 )
-            except Exception as err:  # noqa: BLE001 - a missed beat is logged; the main loop owns failures
+            except (grpc.RpcError, DeptError) as err:  # a missed beat is logged; the main loop owns failures
                 logger.debug("heartbeat failed: %s", err)
 
     def rejoin(self) -> None:
