@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dept_model.tokenizer import build_tokenizers
+from tests.e2e.harness import kill_leftovers
 
 SOURCES = ["sw", "en"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    yield
+    kill_leftovers()
 
 
 @pytest.fixture(scope="session")

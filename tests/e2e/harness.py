@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Every process a test starts, so that a failing test leaves none running (see conftest).
+STARTED: list[subprocess.Popen[Any]] = []
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 
 
@@ -24,6 +27,7 @@ class Server:
             text=True,
             env=ENV,
         )
+        STARTED.append(self.proc)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -45,7 +49,18 @@ class Server:
 
 def start_worker(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     f = open(log, "a")  # noqa: SIM115 (inherited by the child; closed with the test process)
-    return subprocess.Popen([sys.executable, "-m", "dept_worker.cli", *args], stdout=f, stderr=f, env=ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "dept_worker.cli", *args], stdout=f, stderr=f, env=ENV)
+    STARTED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every started process that is still running."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def records(path: Path) -> list[dict[str, Any]]:
