@@ -75,16 +75,15 @@ class ServerApp:
                 heartbeat_timeout_s=config.heartbeat_timeout_s,
             )
         )
-        trim = tuple(shared[EMB_WEIGHT].shape) if config.variant == "trim" else None
+        vocab, dim = shared[EMB_WEIGHT].shape if config.variant == "trim" else (0, 0)
         self._aggregate = RoundAggregate(
             {k: tuple(v.shape) for k, v in shared.items()},
-            trim_rows=(int(trim[0]), int(trim[1])) if trim else None,
+            trim_rows=(vocab, dim) if config.variant == "trim" else None,
         )
         self._stream_config = StreamConfig()
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._uploads: dict[str, tuple[str, int, StreamReceiver]] = {}  # upload_id -> (worker, round, rx)
-        self._committed: dict[tuple[str, int], str] = {}  # (worker, round) -> upload_id
         self._row_ids: dict[str, torch.Tensor] = {}
         self._sources: dict[str, str] = {}
         self._rounds: dict[int, dict[str, WorkerRound]] = {}
@@ -123,7 +122,7 @@ class ServerApp:
     # -- round info --------------------------------------------------------------------------
     def round_info(self, worker_id: str | None = None) -> service_pb2.RoundInfo:
         state = self.coordinator.current_round()
-        committed = worker_id is not None and (worker_id, state.round_idx) in self._committed
+        committed = worker_id is not None and self._counted_upload(worker_id, state.round_idx) is not None
         return service_pb2.RoundInfo(
             round_idx=state.round_idx,
             version=self.model.version,
@@ -133,6 +132,18 @@ class ServerApp:
             committed=committed,
             num_rounds=self.config.rounds,
         )
+
+    def _counted_upload(self, worker_id: str, round_idx: int) -> str | None:
+        """The upload the coordinator counted for this worker and round, if any."""
+        try:
+            record = self.coordinator.round_record()
+            if record.round_idx != round_idx:
+                record = self.coordinator.round_record(round_idx)
+        except NotFoundError:
+            return None
+        if record.outcome == "abandoned":
+            return None
+        return next((c.upload_id for c in record.commits if c.worker_id == worker_id), None)
 
     def _worker_round(self, worker_id: str, round_idx: int) -> WorkerRound:
         with self._lock:
@@ -275,8 +286,7 @@ class ServerApp:
     def commit(self, req: service_pb2.CommitUpdateRequest) -> service_pb2.CommitReply:
         self._known(req.worker_id)
         upload_id = req.commit.upload_id
-        key = (req.worker_id, req.round_idx)
-        if self._committed.get(key) == upload_id:  # a retried commit: same answer, counted once
+        if self._counted_upload(req.worker_id, req.round_idx) == upload_id:  # retried: counted once
             return service_pb2.CommitReply(upload_id=upload_id, round_idx=req.round_idx, accepted=True)
         self.coordinator.check_push(req.worker_id, req.round_idx)
         entry = self._uploads.get(upload_id)
@@ -293,7 +303,6 @@ class ServerApp:
             self._aggregate.fold(update)
             self.coordinator.commit(worker_id, upload_id, round_idx)
             with self._lock:
-                self._committed[key] = upload_id
                 self._uploads.pop(upload_id, None)
             wr = self._worker_round(worker_id, round_idx)
             wr.train_loss = float(req.train_loss) if math.isfinite(req.train_loss) else None
@@ -367,7 +376,6 @@ class ServerApp:
         self._round_started = time.monotonic()
         with self._lock:
             self._uploads = {u: e for u, e in self._uploads.items() if e[1] > round_idx}
-            self._committed = {k: v for k, v in self._committed.items() if k[1] >= round_idx}
         if state.finished:
             self.finished.set()
 
