@@ -29,6 +29,7 @@ from dept_comm.pb import service_pb2, tensor_pb2
 from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
 from dept_model import Variant, evaluate
 from dept_model.data import eval_batches
+from dept_model.tokenizer import vocab_digest
 
 from .client import ServerClient
 from .config import WorkerConfig
@@ -280,11 +281,10 @@ def run(config: WorkerConfig) -> int:
     store = WorkerState(state_dir)
     tokenizer = resolve_tokenizer(config, state_dir)
     client = ServerClient(config.server, token=config.token, timeout_s=config.rpc_timeout_s)
+    digest = vocab_digest(tokenizer)
     try:
-        from dept_model.tokenizer import vocab_digest
-
-        reply = client.join(Worker.join_request(config, vocab_digest(tokenizer)))
-        setup = build_setup(config, json.loads(reply.run_config_json), tokenizer, state_dir)
+        reply = client.join(Worker.join_request(config, digest))
+        setup = build_setup(config, json.loads(reply.run_config_json), tokenizer, digest)
         return Worker(config, client, setup, reply, store).run()
     finally:
         client.close()

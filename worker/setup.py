@@ -20,7 +20,6 @@ from dept_model.tokenizer import (
     source_vocab,
     token_byte_lengths,
     train_tokenizer,
-    vocab_digest,
 )
 
 from .config import WorkerConfig
@@ -59,9 +58,7 @@ def source_seed(seed: int, source: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(source.encode())) % (2**31)
 
 
-def build_setup(
-    config: WorkerConfig, run: dict[str, Any], tokenizer: Tokenizer, state_dir: Path
-) -> WorkerSetup:
+def build_setup(config: WorkerConfig, run: dict[str, Any], tokenizer: Tokenizer, digest: str) -> WorkerSetup:
     """Load data and build the model and trainer for the variant the server runs."""
     train_texts = load_texts(config.data_spec, "train")
     val_texts = load_texts(config.data_spec, "validation")
@@ -91,7 +88,7 @@ def build_setup(
     batches = TokenBatches(train_tokens, seq_len=config.seq_len, batch_size=config.batch_size, seed=seed)
     return WorkerSetup(
         tokenizer=tokenizer,
-        vocab_digest=vocab_digest(tokenizer),
+        vocab_digest=digest,
         train_batches=batches,
         val_tokens=val_tokens,
         byte_lengths=token_byte_lengths(tokenizer),
