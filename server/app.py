@@ -423,9 +423,16 @@ class ServerApp:
         self._store.save(next_round, self.model.checkpoint_groups(), meta)
 
     def wait_all_left(self, timeout_s: float) -> None:
-        """Wait until every worker that joined has left (or the timeout passes)."""
+        """Wait until every worker that joined, and at least ``--workers`` of them, has left.
+
+        The count matters after a restart past the last round: the new process has seen no
+        worker yet, and must not exit before they come back for their final pull.
+        """
         with self._lock:
-            self._left_cond.wait_for(lambda: self._left >= set(self._sources), timeout=timeout_s)
+            self._left_cond.wait_for(
+                lambda: self._left >= set(self._sources) and len(self._left) >= self.config.workers,
+                timeout=timeout_s,
+            )
 
     def write_final(self) -> None:
         """Append the final evaluation (reported by workers on Leave) to the metrics file."""
