@@ -19,8 +19,9 @@ from dept_comm.channel import bind, build_server, channel_options, keep_freed_me
 from dept_comm.codecs import get_codec
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError, DeptError
-from dept_comm.pb import service_pb2, service_pb2_grpc
-from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.frames import StreamItem, from_wire, to_wire
+from dept_comm.pb import service_pb2
+from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import (
     PULL_LIMITS,
     StreamConfig,
@@ -33,7 +34,7 @@ from dept_comm.streaming import (
 logger = logging.getLogger(__name__)
 
 _TENSOR_BYTES = 4 << 20  # a model body is many tensors of a few MiB each
-_REPEATS = 3
+_REPEATS = 7
 _RAW_SERVICE = "dept.bench.Raw"
 # Untimed first pass: fresh pages cost ~1.5 ms/MiB in this sandbox; later passes reuse freed memory,
 # as a long-running server and worker do.
@@ -49,7 +50,7 @@ def _tensors(size_bytes: int) -> dict[str, torch.Tensor]:
 def _handler(body: Mapping[str, torch.Tensor], config: StreamConfig) -> grpc.GenericRpcHandler[Any, Any]:
     """PushUpdate stages and verifies the commit; PullBody streams ``body``."""
 
-    def push(requests: Iterator[pb.StreamMessage], context: grpc.ServicerContext) -> service_pb2.PushReceipt:
+    def push(requests: Iterator[StreamItem], context: grpc.ServicerContext) -> service_pb2.PushReceipt:
         rx = StreamReceiver()
         for msg in requests:
             rx.add(msg)
@@ -57,7 +58,7 @@ def _handler(body: Mapping[str, torch.Tensor], config: StreamConfig) -> grpc.Gen
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended without a commit")
         return rx.push_receipt()
 
-    def pull(request: service_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.StreamMessage]:
+    def pull(request: service_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[StreamItem]:
         info = StreamOpenInfo(upload_id=f"pull-{request.round_idx}", sender_id="server")
         yield from encode_stream(body, open_info=info, codec=get_codec("fp32"), config=config)
 
@@ -66,13 +67,13 @@ def _handler(body: Mapping[str, torch.Tensor], config: StreamConfig) -> grpc.Gen
         {
             "PushUpdate": grpc.stream_unary_rpc_method_handler(
                 push,
-                request_deserializer=pb.StreamMessage.FromString,
+                request_deserializer=from_wire,
                 response_serializer=service_pb2.PushReceipt.SerializeToString,
             ),
             "PullBody": grpc.unary_stream_rpc_method_handler(
                 pull,
                 request_deserializer=service_pb2.PullRequest.FromString,
-                response_serializer=pb.StreamMessage.SerializeToString,
+                response_serializer=to_wire,
             ),
         },
     )
@@ -143,9 +144,7 @@ def _serve(control: Connection, size_bytes: int, chunk_bytes: int, tuned: bool) 
     server.stop(None).wait()
 
 
-def _push(
-    stub: service_pb2_grpc.ParameterServerStub, tensors: Mapping[str, torch.Tensor], config: StreamConfig
-) -> float:
+def _push(stub: ParameterServerStub, tensors: Mapping[str, torch.Tensor], config: StreamConfig) -> float:
     info = StreamOpenInfo(upload_id=f"bench-{time.monotonic_ns()}", sender_id="bench")
     t0 = time.perf_counter()
     receipt = stub.PushUpdate(
@@ -157,7 +156,7 @@ def _push(
     return elapsed
 
 
-def _pull(stub: service_pb2_grpc.ParameterServerStub, tensors: Mapping[str, torch.Tensor]) -> float:
+def _pull(stub: ParameterServerStub, tensors: Mapping[str, torch.Tensor]) -> float:
     t0 = time.perf_counter()
     # As a worker pulls: the body digest (checked below) proves it equals the server's, whose
     # updates were each checked finite on arrival, so the pull skips its own finiteness pass.
@@ -264,7 +263,7 @@ def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
         grpc_port, tcp_port = parent.recv()
         payload = flat.view(torch.uint8).numpy().data
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=channel_options()) as channel:
-            stub = service_pb2_grpc.ParameterServerStub(channel)
+            stub = ParameterServerStub(channel)
             grpc.channel_ready_future(channel).result(timeout=30)
             pieces = _raw_pieces(tensors, config.chunk_bytes)
             runs: dict[str, Callable[[], float]] = {

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from dept_comm.digest import Group
+from dept_comm.frames import ChunkFrame
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = [
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 CONTROL = "control"  # open/commit messages and every non-tensor message
 _UNKNOWN_GROUP = Group.OTHER.label  # a chunk whose tensor header this meter has not seen
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound=Message | ChunkFrame)
 
 
 @dataclass(slots=True)
@@ -77,25 +78,30 @@ class ByteMeter:
         self._groups: dict[str, ByteCounts] = {}
         self._tensor_group: dict[int, str] = {}  # tensor_idx -> group label, for the current stream
 
-    def observe(self, msg: Message) -> None:
-        """Count one message."""
+    def observe(self, msg: Message | ChunkFrame) -> None:
+        """Count one message (a protobuf message or a chunk frame)."""
         size = msg.ByteSize()
-        chunk: pb.TensorChunk | None = None
-        if isinstance(msg, pb.StreamMessage):
+        chunk: pb.TensorChunk | ChunkFrame | None = None
+        header: pb.TensorHeader | None = None
+        if isinstance(msg, ChunkFrame):
+            chunk, header = msg, msg.header
+        elif isinstance(msg, pb.StreamMessage):
             kind = msg.WhichOneof("kind")
             if kind == "chunk":
                 chunk = msg.chunk
+                header = chunk.header if chunk.HasField("header") else None
             elif kind == "open":
                 with self._lock:
                     self._tensor_group.clear()
         elif isinstance(msg, pb.TensorChunk):
             chunk = msg
+            header = chunk.header if chunk.HasField("header") else None
         with self._lock:
             raw = 0
             if chunk is None:
                 label = CONTROL
-            elif chunk.HasField("header"):
-                h = chunk.header
+            elif header is not None:
+                h = header
                 label = _group_label(h.group)
                 self._tensor_group[chunk.tensor_idx] = label
                 raw = h.raw_bytes

@@ -46,7 +46,7 @@ class CommitMismatchError(InvalidInputError):
 
 
 class ChecksumError(DeptError):
-    """A chunk whose CRC32C does not match its bytes; resend that chunk."""
+    """A chunk whose checksum does not match its bytes; resend that chunk."""
 
     status = "DATA_LOSS"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -23,6 +23,7 @@ from dept_comm.errors import (
     StreamOrderError,
     UnknownCodecError,
 )
+from dept_comm.frames import Buffer, chunk_checksum
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = [
@@ -69,13 +70,34 @@ def tensor_payload(name: str, x: torch.Tensor, codec: Codec, encoder: Encoder | 
         return x.detach().reshape(-1).view(torch.uint8).numpy().data
     else:
         p = codec.encode(x)
-    return p if isinstance(p, bytes) else bytes(p)  # protobuf bytes fields take bytes only
+    return p
+
+
+def chunk_checksums(payload: Buffer, chunk_bytes: int) -> list[int]:
+    """The checksum of every ``chunk_bytes`` piece of ``payload`` (one, empty, for an empty payload)."""
+    view = memoryview(payload).cast("B")
+    n = max(1, -(-len(view) // chunk_bytes))
+    return [chunk_checksum(view[k * chunk_bytes : (k + 1) * chunk_bytes]) for k in range(n)]
+
+
+def payload_digest(checksums: Sequence[int]) -> bytes:
+    """A payload's digest: xxh3-128 over its chunk checksums, 8 bytes little-endian each, in order.
+
+    Each chunk's bytes are hashed once (its checksum, checked on arrival); the digest ties the
+    chunks together, and the commit digest ties the tensors together.
+    """
+    return xxhash.xxh3_128_digest(np.asarray(checksums, dtype="<u8").tobytes())
 
 
 def build_header(
-    name: str, x: torch.Tensor, codec: Codec, payload: bytes | memoryview, group: Group, chunk_bytes: int
+    name: str,
+    x: torch.Tensor,
+    codec: Codec,
+    payload: bytes | memoryview,
+    group: Group,
+    checksums: Sequence[int],
 ) -> pb.TensorHeader:
-    """The header of ``x`` sent as ``payload`` in chunks of ``chunk_bytes``.
+    """The header of ``x`` sent as ``payload`` in ``len(checksums)`` chunks with these checksums.
 
     The wire dtype is the one the receiver rebuilds: float32 for float codecs, the tensor's own
     dtype for ``raw`` and for integer tensors.
@@ -94,8 +116,8 @@ def build_header(
         raw_bytes=x.numel() * 4,
         encoded_bytes=len(payload),
         group=pb.TensorGroup.ValueType(group),
-        num_chunks=max(1, -(-len(payload) // chunk_bytes)),
-        digest=xxhash.xxh3_128_digest(payload),
+        num_chunks=len(checksums),
+        digest=payload_digest(checksums),
     )
 
 
@@ -216,8 +238,7 @@ class TensorStage:
         "held",
         "_out",
         "_buf",
-        "_hash",
-        "_hashed",
+        "_sums",
     )
 
     def __init__(self, spec: TensorSpec, codec: Codec, h: pb.TensorHeader, first_chunk_bytes: int) -> None:
@@ -241,8 +262,7 @@ class TensorStage:
         self.spec, self.codec = spec, codec
         self.encoded_bytes, self.num_chunks, self.digest, self.step = size, n, h.digest, step
         self.held: set[int] = set()
-        self._hash = xxhash.xxh3_128()  # payload digest, fed in chunk order while the bytes are hot
-        self._hashed = 0  # chunks folded into _hash
+        self._sums = np.zeros(n, dtype="<u8")  # chunk checksums, checked on arrival, for the digest
         self._out: torch.Tensor | None = None
         if is_same_bytes(codec.name, spec.dtype):
             need = math.prod(spec.shape) * torch.empty(0, dtype=spec.dtype).element_size()
@@ -281,15 +301,11 @@ class TensorStage:
         off = chunk_idx * self.step
         return self._buf[off : off + self.chunk_size(chunk_idx)]
 
-    def store(self, chunk_idx: int, data: bytes) -> None:
+    def store(self, chunk_idx: int, data: bytes | memoryview, checksum: int) -> None:
+        """Stage chunk ``chunk_idx`` (already checked: ``check`` and ``checksum == chunk_checksum(data)``)."""
         self._slice(chunk_idx)[:] = np.frombuffer(data, dtype=np.uint8)
+        self._sums[chunk_idx] = checksum
         self.held.add(chunk_idx)
-        if chunk_idx == self._hashed:
-            self._hash.update(data)
-            self._hashed += 1
-            while self._hashed in self.held:  # chunks that came early
-                self._hash.update(self.view(self._hashed))
-                self._hashed += 1
 
     def view(self, chunk_idx: int) -> memoryview:
         """The stored bytes of chunk ``chunk_idx``."""
@@ -297,7 +313,7 @@ class TensorStage:
 
     def verify_digest(self) -> None:
         """Raise unless every chunk is held and the payload hashes to the header's digest."""
-        if self._hashed != self.num_chunks or self._hash.digest() != self.digest:
+        if len(self.held) != self.num_chunks or payload_digest(self._sums.tolist()) != self.digest:
             raise CommitMismatchError(
                 f"tensor {self.spec.name!r}: payload of {len(self.held)}/{self.num_chunks} chunks"
                 " does not hash to its header's digest"
@@ -314,7 +330,7 @@ class TensorStage:
         spec, buf = self.spec, self._buf
         if buf is None:
             raise StreamOrderError(f"tensor {spec.name!r} was already decoded and released")
-        if self._hashed != self.num_chunks:
+        if len(self.held) != self.num_chunks:
             raise StreamOrderError(
                 f"tensor {spec.name!r} decoded with {len(self.held)}/{self.num_chunks} chunks"
             )

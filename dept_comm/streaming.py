@@ -1,4 +1,4 @@
-"""Chunked tensor streams: open, CRC32C-checked chunks with per-tensor headers, and a verified commit."""
+"""Chunked tensor streams: open, checksummed chunks with per-tensor headers, and a verified commit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-import google_crc32c
 import torch
 import xxhash
 
@@ -22,6 +21,7 @@ from dept_comm.errors import (
     SizeLimitError,
     StreamOrderError,
 )
+from dept_comm.frames import ChunkFrame, StreamItem, chunk_checksum
 from dept_comm.manifest import (
     DEFAULT_LIMITS,
     MAX_CHUNK_BYTES,
@@ -32,6 +32,7 @@ from dept_comm.manifest import (
     TensorStage,
     build_header,
     check_header,
+    chunk_checksums,
     is_codec,
     tensor_payload,
 )
@@ -98,8 +99,11 @@ def encode_stream(
     groups: Group | Mapping[str, Group] = Group.BODY,
     config: StreamConfig = StreamConfig(),
     encoder: Encoder | None = None,
-) -> Iterator[pb.StreamMessage]:
+) -> Iterator[StreamItem]:
     """Yield the open message, every tensor's chunks, then the commit; lazily, one tensor at a time.
+
+    Chunks come as :class:`~dept_comm.frames.ChunkFrame` (already serialized, one copy of the
+    payload); open and commit as protobuf messages. Send them with ``dept_comm.frames.to_wire``.
 
     Memory: one encoded tensor at a time. For ``fp32``/``raw`` on contiguous CPU tensors the chunks
     are sliced from the tensor's own memory, so tensors must not change while the stream is consumed.
@@ -129,23 +133,22 @@ def encode_stream(
         group = groups if isinstance(groups, Group) else groups[name]
         c = codec if is_codec(codec) else codec(name, x)  # type: ignore[operator]
         payload = tensor_payload(name, x, c, encoder)
-        header = build_header(name, x, c, payload, group, step)
-        num_chunks = header.num_chunks
+        checksums = chunk_checksums(payload, step)  # the one pass that hashes the payload
+        header = build_header(name, x, c, payload, group, checksums)
         stream_hash.update(header.digest)  # the commit covers every tensor's payload digest
-        for chunk_idx in range(num_chunks):
-            data = bytes(payload[chunk_idx * step : (chunk_idx + 1) * step])
-            msg = pb.StreamMessage()
-            chunk = msg.chunk
-            chunk.upload_id = upload_id
-            chunk.seq = seq
-            chunk.tensor_idx = tensor_idx
-            chunk.chunk_idx = chunk_idx
-            if chunk_idx == 0:
-                chunk.header.CopyFrom(header)
-            chunk.data = data
-            chunk.crc32c = google_crc32c.value(data)
+        view = memoryview(payload)
+        for chunk_idx, checksum in enumerate(checksums):
+            yield ChunkFrame.build(
+                upload_id=upload_id,
+                seq=seq,
+                tensor_idx=tensor_idx,
+                chunk_idx=chunk_idx,
+                header=header if chunk_idx == 0 else None,
+                data=view[chunk_idx * step : (chunk_idx + 1) * step],
+                checksum=checksum,
+            )
             seq += 1
-            yield msg
+        del view
         del payload
     commit = pb.Commit(
         upload_id=upload_id, num_chunks=seq, num_tensors=len(tensors), digest=stream_hash.digest()
@@ -204,20 +207,26 @@ class StreamReceiver:
     def committed(self) -> bool:
         return self._commit is not None
 
-    def add(self, msg: pb.StreamMessage) -> None:
+    def add(self, msg: StreamItem) -> None:
         """Validate one message and stage it (open, chunk or commit).
 
         Raises:
             StreamOrderError, ChecksumError, ConflictError, ManifestMismatchError, SizeLimitError,
             UnknownCodecError, CommitMismatchError: see the module's checks; nothing is stored.
         """
+        if isinstance(msg, ChunkFrame):
+            with self._lock:
+                self._check_live()
+                self._add_chunk(msg, msg.header)
+            return
         kind = msg.WhichOneof("kind")
         with self._lock:
             self._check_live()
             if kind == "open":
                 self._add_open(msg.open)
             elif kind == "chunk":
-                self._add_chunk(msg.chunk)
+                c = msg.chunk
+                self._add_chunk(c, c.header if c.HasField("header") else None)
             elif kind == "commit":
                 self._commit_locked(msg.commit)
             else:
@@ -242,13 +251,14 @@ class StreamReceiver:
         self._open.CopyFrom(o)
         self._info = StreamOpenInfo.from_pb(o)
 
-    def _add_chunk(self, c: pb.TensorChunk) -> None:
+    def _add_chunk(self, c: pb.TensorChunk | ChunkFrame, header: pb.TensorHeader | None) -> None:
         o = self._open
         if o is None:
             raise StreamOrderError("chunk before the stream's open")
         data = c.data
-        if google_crc32c.value(data) != c.crc32c:
-            raise ChecksumError(f"chunk seq={c.seq} crc32c mismatch ({len(data)} bytes)")
+        checksum = chunk_checksum(data)
+        if checksum != c.checksum:
+            raise ChecksumError(f"chunk seq={c.seq} checksum mismatch ({len(data)} bytes)")
         if c.upload_id != o.upload_id:
             raise StreamOrderError(f"chunk seq={c.seq} for upload {c.upload_id!r}, stream is {o.upload_id!r}")
         if len(data) > self._limits.max_chunk_bytes:
@@ -267,24 +277,24 @@ class StreamReceiver:
             raise StreamOrderError(
                 f"chunk seq={c.seq} tensor_idx={c.tensor_idx}, open declares {o.num_tensors}"
             )
-        has_header = c.HasField("header")
+        has_header = header is not None
         if has_header != (c.chunk_idx == 0):
             raise StreamOrderError(
                 f"chunk seq={c.seq} chunk_idx={c.chunk_idx}: header must be set iff chunk_idx == 0"
             )
         stage = self._tensors.get(c.tensor_idx)
         new = None
-        if has_header:
+        if header is not None:
             if stage is not None:
                 raise ConflictError(f"tensor_idx={c.tensor_idx} already has a header (chunk seq={c.seq})")
             spec, codec = check_header(
-                c.header,
+                header,
                 manifest=self._manifest,
                 limits=self._limits,
                 seen_names=self._names,
                 raw_bytes_so_far=self._raw_total,
             )
-            new = stage = TensorStage(spec, codec, c.header, len(data))
+            new = stage = TensorStage(spec, codec, header, len(data))
         elif stage is None:
             raise StreamOrderError(
                 f"chunk seq={c.seq} of tensor_idx={c.tensor_idx} before that tensor's header"
@@ -295,12 +305,14 @@ class StreamReceiver:
             self._tensors[c.tensor_idx] = new
             self._names.add(new.spec.name)
             self._raw_total += new.spec.numel * 4
-        stage.store(c.chunk_idx, data)
+        stage.store(c.chunk_idx, data, checksum)
         self._staged_bytes += len(data)
         self._held[c.seq] = (c.tensor_idx, c.chunk_idx)
         self._max_seq = max(self._max_seq, c.seq)
 
-    def _check_duplicate(self, c: pb.TensorChunk, held: tuple[int, int], data: bytes) -> None:
+    def _check_duplicate(
+        self, c: pb.TensorChunk | ChunkFrame, held: tuple[int, int], data: bytes | memoryview
+    ) -> None:
         if self._decoding:
             raise StreamOrderError(f"chunk seq={c.seq} after the tensors were decoded")
         same = (c.tensor_idx, c.chunk_idx) == held and self._tensors[held[0]].view(held[1]) == data
@@ -374,7 +386,7 @@ class StreamReceiver:
                     f"tensor {t.spec.name!r} holds {len(t.held)} of {t.num_chunks} chunks"
                 )
         for t in self._tensors.values():
-            t.verify_digest()  # each payload was hashed once, chunk by chunk, as it arrived
+            t.verify_digest()  # from the chunk checksums verified on arrival
         stream = xxhash.xxh3_128()
         for idx in sorted(self._tensors):
             stream.update(self._tensors[idx].digest)
@@ -427,7 +439,7 @@ class StreamReceiver:
 
 
 def receive_stream(
-    messages: Iterable[pb.StreamMessage],
+    messages: Iterable[StreamItem],
     *,
     manifest: Manifest | None = None,
     limits: ReceiveLimits = DEFAULT_LIMITS,
@@ -442,7 +454,8 @@ def receive_stream(
     rx = StreamReceiver(manifest=manifest, limits=limits, require_all=require_all)
     for msg in messages:
         if rx.committed:
-            raise StreamOrderError(f"message {msg.WhichOneof('kind')!r} after the commit")
+            kind = "chunk" if isinstance(msg, ChunkFrame) else msg.WhichOneof("kind")
+            raise StreamOrderError(f"message {kind!r} after the commit")
         rx.add(msg)
     if not rx.committed or rx.open_info is None:
         raise CommitMismatchError("stream ended without a commit")

@@ -26,8 +26,9 @@ from dept_comm.errors import (
     StaleRoundError,
     StreamOrderError,
 )
+from dept_comm.frames import ChunkFrame, StreamItem
 from dept_comm.outer import build_outer
-from dept_comm.pb import service_pb2, tensor_pb2
+from dept_comm.pb import service_pb2
 from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
 
 from .aggregate import RoundAggregate
@@ -193,7 +194,7 @@ class ServerApp:
         if worker_id not in self._sources:
             raise NotFoundError(f"unknown worker {worker_id!r}; join first")
 
-    def pull(self, req: service_pb2.PullRequest) -> Iterator[tensor_pb2.StreamMessage]:
+    def pull(self, req: service_pb2.PullRequest) -> Iterator[StreamItem]:
         self._known(req.worker_id)
         row_ids = None
         if self.config.variant == "trim":
@@ -229,10 +230,10 @@ class ServerApp:
         meter = self._worker_round(req.worker_id, round_idx).down
         return metered(iter(messages), meter)
 
-    def push(self, messages: Iterable[tensor_pb2.StreamMessage]) -> service_pb2.PushReceipt:
+    def push(self, messages: Iterable[StreamItem]) -> service_pb2.PushReceipt:
         it = iter(messages)
         first = next(it, None)
-        if first is None or first.WhichOneof("kind") != "open":
+        if first is None or isinstance(first, ChunkFrame) or first.WhichOneof("kind") != "open":
             raise StreamOrderError("an upload must start with a StreamOpen message")
         info = StreamOpenInfo.from_pb(first.open)
         worker_id = info.sender_id
@@ -262,7 +263,7 @@ class ServerApp:
                 self._uploads[info.upload_id] = entry
         rx = entry[2]
         for msg in metered(it, meter):
-            kind = msg.WhichOneof("kind")
+            kind = "chunk" if isinstance(msg, ChunkFrame) else msg.WhichOneof("kind")
             if kind == "open":
                 raise StreamOrderError("a second StreamOpen inside one upload stream")
             if kind == "commit":

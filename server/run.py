@@ -11,7 +11,7 @@ from http.server import ThreadingHTTPServer
 import grpc
 
 from dept_comm.channel import bind, build_server
-from dept_comm.pb import service_pb2_grpc
+from dept_comm.service import add_parameter_server
 
 from .app import ServerApp
 from .auth import TokenInterceptor
@@ -46,7 +46,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     app = ServerApp(config)
     interceptors = [TokenInterceptor(config.token)] if config.token else []
     server = build_server(config.max_workers_threads, interceptors=interceptors)
-    service_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(app), server)
+    add_parameter_server(ParameterServerServicer(app), server)
     try:
         port = bind(server, config.host, config.port)
     except Exception:

@@ -10,7 +10,8 @@ import grpc
 
 from dept_comm.channel import abort_with
 from dept_comm.errors import DeptError
-from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
+from dept_comm.frames import StreamItem
+from dept_comm.pb import service_pb2
 
 from .app import ServerApp
 
@@ -30,8 +31,8 @@ def _guard(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         raise  # unreachable: abort raises
 
 
-class ParameterServerServicer(service_pb2_grpc.ParameterServerServicer):
-    """Thin: every method is decode -> ServerApp -> encode."""
+class ParameterServerServicer:
+    """Thin: every method is decode -> ServerApp -> encode (registered by dept_comm.service)."""
 
     def __init__(self, app: ServerApp) -> None:
         self._app = app
@@ -41,7 +42,7 @@ class ParameterServerServicer(service_pb2_grpc.ParameterServerServicer):
 
     def PullBody(
         self, request: service_pb2.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[tensor_pb2.StreamMessage]:
+    ) -> Iterator[StreamItem]:
         messages = _guard(context, lambda: self._app.pull(request))
         for msg in messages:
             if not context.is_active():
@@ -49,7 +50,7 @@ class ParameterServerServicer(service_pb2_grpc.ParameterServerServicer):
             yield msg
 
     def PushUpdate(
-        self, request_iterator: Iterator[tensor_pb2.StreamMessage], context: grpc.ServicerContext
+        self, request_iterator: Iterator[StreamItem], context: grpc.ServicerContext
     ) -> service_pb2.PushReceipt:
         return _guard(context, lambda: self._app.push(request_iterator))
 

@@ -10,7 +10,9 @@ import grpc
 
 from dept_comm.channel import call_with_retry, channel_options, error_from_rpc
 from dept_comm.errors import DeptError
-from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
+from dept_comm.frames import StreamItem
+from dept_comm.pb import service_pb2
+from dept_comm.service import ParameterServerStub
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,7 +26,7 @@ class ServerClient:
     ) -> None:
         self.target = target
         self._channel = grpc.insecure_channel(target, options=channel_options())
-        self._stub = service_pb2_grpc.ParameterServerStub(self._channel)
+        self._stub = ParameterServerStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
         self._attempts = retry_attempts
@@ -45,15 +47,15 @@ class ServerClient:
     def join(self, request: service_pb2.JoinRequest) -> service_pb2.JoinReply:
         return self._call(lambda: self._stub.Join(request, timeout=self._timeout_s, metadata=self._metadata))
 
-    def pull(self, request: service_pb2.PullRequest) -> list[tensor_pb2.StreamMessage]:
+    def pull(self, request: service_pb2.PullRequest) -> list[StreamItem]:
         """Receive a whole pull stream (a cut stream is retried from the start)."""
 
-        def once() -> list[tensor_pb2.StreamMessage]:
+        def once() -> list[StreamItem]:
             return list(self._stub.PullBody(request, timeout=self._timeout_s * 10, metadata=self._metadata))
 
         return self._call(once)
 
-    def push(self, messages: Sequence[tensor_pb2.StreamMessage]) -> service_pb2.PushReceipt:
+    def push(self, messages: Sequence[StreamItem]) -> service_pb2.PushReceipt:
         """Stream an upload; a retry resends it (the server keeps identical chunks once)."""
         return self._call(
             lambda: self._stub.PushUpdate(

@@ -25,7 +25,8 @@ from dept_comm.errors import (
     RunFinishedError,
     StaleRoundError,
 )
-from dept_comm.pb import service_pb2, tensor_pb2
+from dept_comm.frames import StreamItem, as_message
+from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
 from dept_model import Variant, evaluate
 from dept_model.data import eval_batches
@@ -64,9 +65,7 @@ class Worker:
         self._raw = get_codec("raw")
         self.feedback = ErrorFeedback(self.codec_up)
         self.replica = Replica(setup.model, str(self.variant))
-        self.pending: tuple[int, list[tensor_pb2.StreamMessage], service_pb2.CommitUpdateRequest] | None = (
-            None
-        )
+        self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
         self.last_loss = float("nan")
         self._stop_beats = threading.Event()
         self._restore()
@@ -131,7 +130,7 @@ class Worker:
         self.last_loss = sum(losses) / len(losses)
         return self.last_loss, self.config.inner_steps * self.config.batch_size * self.config.seq_len
 
-    def _encode_update(self, round_idx: int) -> list[tensor_pb2.StreamMessage]:
+    def _encode_update(self, round_idx: int) -> list[StreamItem]:
         delta = self.replica.delta()
         open_info = StreamOpenInfo(
             upload_id=f"{self.worker_id}-{round_idx}-{uuid.uuid4().hex[:12]}",
@@ -173,7 +172,7 @@ class Worker:
         loss, tokens = self.train()
         messages = self._encode_update(round_idx)
         commit = service_pb2.CommitUpdateRequest(
-            commit=messages[-1].commit,
+            commit=as_message(messages[-1]).commit,
             worker_id=self.worker_id,
             round_idx=round_idx,
             train_loss=loss,

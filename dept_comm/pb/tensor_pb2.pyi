@@ -121,7 +121,7 @@ class TensorHeader(_message.Message):
     num_chunks: _builtins.int
     """chunks this tensor's payload is cut into (>= 1)"""
     digest: _builtins.bytes
-    """xxh3-128 of the encoded payload"""
+    """xxh3-128 over the payload's chunk checksums (8 bytes little-endian each, in order)"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -160,7 +160,7 @@ class TensorChunk(_message.Message):
     CHUNK_IDX_FIELD_NUMBER: _builtins.int
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    CRC32C_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
     seq: _builtins.int
     """position in the whole stream, from 0, no gaps"""
@@ -170,8 +170,8 @@ class TensorChunk(_message.Message):
     """position within the tensor, from 0"""
     data: _builtins.bytes
     """<= 2 MiB"""
-    crc32c: _builtins.int
-    """CRC32C of data as sent"""
+    checksum: _builtins.int
+    """XXH3-64 of data as sent"""
     @_builtins.property
     def header(self) -> Global___TensorHeader:
         """set iff chunk_idx == 0"""
@@ -185,11 +185,11 @@ class TensorChunk(_message.Message):
         chunk_idx: _builtins.int = ...,
         header: Global___TensorHeader | None = ...,
         data: _builtins.bytes = ...,
-        crc32c: _builtins.int = ...,
+        checksum: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_idx", b"chunk_idx", "crc32c", b"crc32c", "data", b"data", "header", b"header", "seq", b"seq", "tensor_idx", b"tensor_idx", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "chunk_idx", b"chunk_idx", "data", b"data", "header", b"header", "seq", b"seq", "tensor_idx", b"tensor_idx", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

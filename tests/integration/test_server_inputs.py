@@ -11,6 +11,7 @@ import torch
 
 from dept_comm.codecs import get_codec
 from dept_comm.codecs.zstd_bounded import compress
+from dept_comm.frames import as_message, chunk_checksum
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
@@ -57,7 +58,9 @@ def upload(worker_id: str, info: StreamOpenInfo, tensors: dict[str, torch.Tensor
         target_digest=b"",
         is_delta=True,
     )
-    return list(encode_stream(tensors, open_info=open_info, codec=get_codec(overrides.get("codec", "int8"))))
+    codec = get_codec(overrides.get("codec", "int8"))
+    # As protobuf messages: this client is the generated stub, as any other peer's would be.
+    return [as_message(m) for m in encode_stream(tensors, open_info=open_info, codec=codec)]
 
 
 def push(stub, messages) -> service_pb2.PushReceipt:
@@ -130,10 +133,18 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     chunk = bomb[1].chunk
     chunk.data = b"\x01" + compress(b"\x00" * (64 << 20), 3)
     chunk.header.encoded_bytes = len(chunk.data)
-    import google_crc32c
-
-    chunk.crc32c = google_crc32c.value(chunk.data)
+    chunk.checksum = chunk_checksum(chunk.data)
     assert code_of(lambda: push(stub, bomb[:-1])) == grpc.StatusCode.INVALID_ARGUMENT
+
+    # Bytes that are no StreamMessage at all, and a chunk cut short: refused, not a crash.
+    cut = [m.SerializeToString() for m in upload(worker_id, info, zeros)[:-1]]
+    cut[1] = cut[1][: len(cut[1]) // 2]
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        raw_push = channel.stream_unary("/dept.v1.ParameterServer/PushUpdate")  # bytes as they are
+        for wires in ([b"\xff\xff\xff"], cut):
+            assert code_of(lambda: raw_push(iter(wires), metadata=AUTH, timeout=30)) == (  # noqa: B023
+                grpc.StatusCode.INTERNAL
+            )
 
     # A message over the receive limit (gRPC's own check).
     huge = upload(worker_id, info, zeros)

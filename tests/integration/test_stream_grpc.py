@@ -31,8 +31,10 @@ from dept_comm.errors import (
     ManifestMismatchError,
     StaleRoundError,
 )
+from dept_comm.frames import ChunkFrame, as_message
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.service import ParameterServerStub, add_parameter_server
 from dept_comm.streaming import StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream, receive_stream
 
 TIMEOUT_S = 30
@@ -79,7 +81,7 @@ class Servicer(service_pb2_grpc.ParameterServerServicer):
                     if rx.open_info is not None:
                         upload_id = rx.open_info.upload_id
                         self.meters[upload_id] = meter
-                    if msg.WhichOneof("kind") == "chunk":
+                    if isinstance(msg, ChunkFrame):
                         self.chunks_seen.release()
                 if not rx.committed:
                     raise CommitMismatchError(f"upload {upload_id} ended without a commit")
@@ -116,12 +118,12 @@ class Servicer(service_pb2_grpc.ParameterServerServicer):
 def env():
     servicer = Servicer(_body())
     server = build_server(4)
-    service_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    add_parameter_server(servicer, server)
     port = bind(server, "127.0.0.1", 0)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
     try:
-        yield servicer, service_pb2_grpc.ParameterServerStub(channel), port
+        yield servicer, ParameterServerStub(channel), port
     finally:
         channel.close()
         server.stop(None).wait()
@@ -157,13 +159,19 @@ def test_push_and_pull_with_matching_meters(env, chunk_bytes):
     assert client_down.total().raw_bytes == 4 * sum(t.numel() for t in servicer.body.values())
 
 
-def test_plain_default_channel_works_with_project_chunking(env):
+def test_generated_protobuf_client_on_a_default_channel_interoperates(env):
+    """A peer that uses the generated code (protobuf messages, grpc's default 4 MiB limit) reads
+    the frames the server writes and writes what the server reads as frames."""
     servicer, _, port = env
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # grpc defaults: 4 MiB receive limit
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = service_pb2_grpc.ParameterServerStub(channel)
-        stub.PushUpdate(_upload("u-default", servicer.body, 2 << 20), timeout=TIMEOUT_S)
-        _, pulled = receive_stream(stub.PullBody(service_pb2.PullRequest(worker_id="d"), timeout=TIMEOUT_S))
+        messages = [as_message(m) for m in _upload("u-default", servicer.body, 2 << 20)]
+        stub.PushUpdate(iter(messages), timeout=TIMEOUT_S)
+        pulled_messages = list(stub.PullBody(service_pb2.PullRequest(worker_id="d"), timeout=TIMEOUT_S))
     assert servicer.outcomes["u-default"] == "committed"
+    assert tensors_digest(servicer.committed["u-default"]) == tensors_digest(servicer.body)
+    assert not any(isinstance(m, ChunkFrame) for m in pulled_messages)
+    _, pulled = receive_stream(pulled_messages)
     assert tensors_digest(pulled) == tensors_digest(servicer.body)
 
 
@@ -203,7 +211,7 @@ def test_stream_ending_without_commit_is_refused(env):
 
 def test_server_errors_map_back_to_their_classes(env):
     servicer, stub, _ = env
-    msgs = list(_upload("u-bad", servicer.body))
+    msgs = [as_message(m) for m in _upload("u-bad", servicer.body)]
     data = bytearray(msgs[2].chunk.data)
     data[5] ^= 0x80
     msgs[2].chunk.data = bytes(data)

@@ -22,6 +22,7 @@ from dept_comm.accounting import (
 )
 from dept_comm.codecs import get_codec
 from dept_comm.digest import Group
+from dept_comm.frames import as_message
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import StreamConfig, StreamOpenInfo, encode_stream
 
@@ -47,7 +48,8 @@ def test_metered_sums_equal_byte_size(sizes, chunk_bytes, codec):
     tensors = {f"t{i}": torch.randn(n) for i, n in enumerate(sizes)}
     groups = {name: (Group.EMBEDDINGS if i % 2 else Group.BODY) for i, name in enumerate(tensors)}
     meter = ByteMeter()
-    msgs = list(metered(_stream(tensors, groups, chunk_bytes, codec), meter))
+    frames = list(metered(_stream(tensors, groups, chunk_bytes, codec), meter))
+    msgs = [as_message(f) for f in frames]  # protobuf's own sizes, to check the frames' against
 
     total = meter.total()
     assert total.payload_bytes == sum(m.ByteSize() for m in msgs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import google_crc32c
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +27,7 @@ from dept_comm.errors import (
     StreamOrderError,
     UnknownCodecError,
 )
+from dept_comm.frames import ChunkFrame, as_message, chunk_checksum
 from dept_comm.manifest import tensor_payload
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.streaming import (
@@ -61,7 +61,8 @@ def tensor_dicts(draw, float_only: bool):
     return out
 
 
-def _stream(tensors, chunk_bytes=KIB, codec="fp32", upload_id="up-1", groups=Group.BODY):
+def _frames(tensors, chunk_bytes=KIB, codec="fp32", upload_id="up-1", groups=Group.BODY):
+    """The stream as encode_stream yields it: chunks as frames, open and commit as messages."""
     info = StreamOpenInfo(upload_id=upload_id, sender_id="w0", round_idx=3)
     c = get_codec(codec) if isinstance(codec, str) else codec
     return list(
@@ -71,6 +72,11 @@ def _stream(tensors, chunk_bytes=KIB, codec="fp32", upload_id="up-1", groups=Gro
     )
 
 
+def _stream(tensors, **kw):
+    """The stream as protobuf messages (what a peer using the generated code sends; easy to tamper)."""
+    return [as_message(m) for m in _frames(tensors, **kw)]
+
+
 def _copy(msg):
     out = pb.StreamMessage()
     out.CopyFrom(msg)
@@ -78,7 +84,7 @@ def _copy(msg):
 
 
 def _recrc(msg):
-    msg.chunk.crc32c = google_crc32c.value(msg.chunk.data)
+    msg.chunk.checksum = chunk_checksum(msg.chunk.data)
     return msg
 
 
@@ -100,7 +106,10 @@ def _rejects(rx, msg, exc, match=None):
 def test_round_trip_every_codec(codec_name, data, chunk_bytes):
     codec = get_codec(codec_name)
     tensors = data.draw(tensor_dicts(float_only=codec_name != "raw"))
-    msgs = _stream(tensors, chunk_bytes=chunk_bytes, codec=codec)
+    frames = _frames(tensors, chunk_bytes=chunk_bytes, codec=codec)
+    assert all(isinstance(f, ChunkFrame) for f in frames[1:-1])
+    msgs = [as_message(f) for f in frames]
+    assert [f.wire for f in frames[1:-1]] == [m.SerializeToString() for m in msgs[1:-1]]
 
     assert msgs[0].WhichOneof("kind") == "open" and msgs[-1].WhichOneof("kind") == "commit"
     chunks = [m.chunk for m in msgs[1:-1]]
@@ -121,6 +130,9 @@ def test_round_trip_every_codec(codec_name, data, chunk_bytes):
             assert y.dtype == torch.float32
             if x.numel():
                 assert float((y - x).abs().max()) <= 0.1 * float(x.abs().max()) + 1e-6, name
+    _, via_frames = receive_stream(frames, manifest=None)  # the frames themselves, as a server reads them
+    assert list(via_frames) == list(out)
+    assert all(torch.equal(via_frames[k], out[k]) for k in out)
 
 
 def test_manifest_round_trip_and_groups():
