@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "StreamReceiver",
     "encode_stream",
     "receive_stream",
+    "unsent",
 ]
 
 logger = logging.getLogger(__name__)
@@ -460,3 +461,26 @@ def receive_stream(
     if not rx.committed or rx.open_info is None:
         raise CommitMismatchError("stream ended without a commit")
     return rx.open_info, rx.decode_all()
+
+
+def unsent(messages: Sequence[StreamItem], receipt: service_pb2.PushReceipt) -> list[StreamItem]:
+    """What of an upload still has to go after a cut: every message but the chunks ``receipt`` holds.
+
+    ``receipt`` (from ``QueryUpload``) counts the chunks held and lists the missing seqs below the
+    highest one held, so the held seqs are those below ``num_chunks + len(missing_seqs)`` that are
+    not missing. The open (and a commit, if the sequence has one) always go again: both are
+    idempotent on the receiver.
+    """
+    missing = set(receipt.missing_seqs)
+    first_unseen = receipt.num_chunks + len(missing)
+
+    def needed(m: StreamItem) -> bool:
+        if isinstance(m, ChunkFrame):
+            seq = m.seq
+        elif m.WhichOneof("kind") == "chunk":
+            seq = m.chunk.seq
+        else:
+            return True
+        return seq >= first_unseen or seq in missing
+
+    return [m for m in messages if needed(m)]

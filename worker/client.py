@@ -10,9 +10,10 @@ import grpc
 
 from dept_comm.channel import call_with_retry, channel_options, error_from_rpc
 from dept_comm.errors import DeptError
-from dept_comm.frames import StreamItem
+from dept_comm.frames import StreamItem, as_message
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
+from dept_comm.streaming import unsent
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,12 +57,38 @@ class ServerClient:
         return self._call(once)
 
     def push(self, messages: Sequence[StreamItem]) -> service_pb2.PushReceipt:
-        """Stream an upload; a retry resends it (the server keeps identical chunks once)."""
-        return self._call(
-            lambda: self._stub.PushUpdate(
-                iter(messages), timeout=self._timeout_s * 10, metadata=self._metadata
-            )
-        )
+        """Stream an upload (open first); after a cut, resend only what the server does not hold.
+
+        Each retry asks ``QueryUpload`` for the server's receipt and sends the open plus the
+        chunks it lacks; if the server has no such upload (it never saw the open, or dropped the
+        upload), everything goes again. Identical chunks are kept once, so a resend is harmless.
+        """
+        opened = as_message(messages[0]).open
+        query = service_pb2.QueryUploadRequest(worker_id=opened.sender_id, upload_id=opened.upload_id)
+        attempts = 0
+
+        def once() -> service_pb2.PushReceipt:
+            nonlocal attempts
+            attempts += 1
+            todo: Sequence[StreamItem] = messages
+            if attempts > 1:
+                try:
+                    receipt = self._stub.QueryUpload(query, timeout=self._timeout_s, metadata=self._metadata)
+                except grpc.RpcError as err:
+                    if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.NOT_FOUND:
+                        raise  # UNAVAILABLE and the like: call_with_retry tries again
+                else:
+                    todo = unsent(messages, receipt)
+                    logger.info(
+                        "push_resume upload=%s held=%d resending=%d of %d chunks",
+                        opened.upload_id,
+                        receipt.num_chunks,
+                        len(todo) - 1,
+                        len(messages) - 1,
+                    )
+            return self._stub.PushUpdate(iter(todo), timeout=self._timeout_s * 10, metadata=self._metadata)
+
+        return self._call(once)
 
     def commit(self, request: service_pb2.CommitUpdateRequest) -> service_pb2.CommitReply:
         # Idempotent on the server (same upload id -> same answer), so retrying is safe.
