@@ -37,6 +37,7 @@ from dept_comm.streaming import (
     StreamReceiver,
     encode_stream,
     receive_stream,
+    unsent,
 )
 
 RAW_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64]
@@ -506,3 +507,28 @@ def test_payload_digest_mismatch_is_caught_at_commit(sample):
         for m in forged:
             rx.add(m)
     assert not rx.committed
+
+
+def test_unsent_resends_the_open_and_exactly_the_chunks_not_held():
+    tensors = {"a": torch.randn(700), "b": torch.randn(300)}
+    frames = _frames(tensors)  # 1 KiB chunks: "a" 3 chunks, "b" 2 chunks; open ... commit
+    upload = frames[:-1]
+    rx = StreamReceiver()
+    held = {0, 2, 3}  # chunk seqs 1 and 4 were lost on the way
+    for m in upload:
+        if not isinstance(m, ChunkFrame) or m.seq in held:
+            rx.add(m)
+    receipt = rx.push_receipt()
+    assert receipt.num_chunks == 3 and list(receipt.missing_seqs) == [1]
+    todo = unsent(upload, receipt)
+    assert todo[0] is upload[0]  # the open goes again
+    assert [m.seq for m in todo[1:]] == [1, 4]
+    for m in todo:
+        rx.add(m)  # a repeated open is accepted once
+    rx.add(frames[-1])
+    assert rx.committed
+    out = rx.decode_all()
+    assert all(torch.equal(out[k], tensors[k]) for k in tensors)
+
+    nothing_held = unsent([as_message(m) for m in upload], StreamReceiver().push_receipt())
+    assert len(nothing_held) == len(upload)  # protobuf chunks are recognised too
