@@ -8,8 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from dept_comm.accumulate import DenseAccumulator, RowAccumulator
-
-from .model_state import EMB_IDS, EMB_ROWS, EMB_WEIGHT
+from dept_comm.names import EMB_IDS, EMB_ROWS, EMB_WEIGHT
 
 
 class RoundAggregate:

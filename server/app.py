@@ -27,6 +27,7 @@ from dept_comm.errors import (
     StreamOrderError,
 )
 from dept_comm.frames import ChunkFrame, StreamItem
+from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
@@ -34,7 +35,7 @@ from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, Str
 from .aggregate import RoundAggregate
 from .config import ServerConfig
 from .initial import initial_shared_tensors
-from .model_state import EMB_WEIGHT, GlobalModel
+from .model_state import GlobalModel
 
 logger = logging.getLogger(__name__)
 

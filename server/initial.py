@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
+from dept_comm.names import BODY_PREFIX, EMB_WEIGHT
 from dept_model import Variant, build_model, model_preset
 from dept_model.tokenizer import load_tokenizer, vocab_digest
 
 from .config import ServerConfig
-from .model_state import BODY_PREFIX, EMB_WEIGHT
 
 
 def initial_shared_tensors(config: ServerConfig) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:

@@ -12,14 +12,10 @@ from dept_comm.codecs import Codec, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.digest import Group, TensorSpec, tensors_digest
 from dept_comm.errors import ManifestMismatchError
+from dept_comm.names import BODY_PREFIX, EMB_IDS, EMB_ROWS, EMB_WEIGHT, group_of
 from dept_comm.outer import OuterOptimizer
 
 logger = logging.getLogger(__name__)
-
-BODY_PREFIX = "body."
-EMB_WEIGHT = "emb.weight"  # glob: the whole global matrix
-EMB_ROWS = "emb.rows"  # trim: the rows of the worker's vocabulary V_k
-EMB_IDS = "emb.ids"  # trim: their global token ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +69,7 @@ class GlobalModel:
 
     # -- what crosses the wire -------------------------------------------------------------
     def group_of(self, name: str) -> Group:
-        return Group.BODY if name.startswith(BODY_PREFIX) else Group.EMBEDDINGS
+        return group_of(name)
 
     @property
     def body_numel(self) -> int:

@@ -16,7 +16,6 @@ import torch
 
 from dept_comm.codecs import Codec, codec_names, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
-from dept_comm.digest import Group
 from dept_comm.errors import (
     CommitMismatchError,
     DeptError,
@@ -26,6 +25,7 @@ from dept_comm.errors import (
     StaleRoundError,
 )
 from dept_comm.frames import StreamItem, as_message
+from dept_comm.names import EMB_IDS, group_of
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
 from dept_model import Variant, evaluate
@@ -35,7 +35,7 @@ from dept_model.tokenizer import vocab_digest
 from .client import ServerClient
 from .config import WorkerConfig
 from .persist import WorkerState
-from .replica import BODY_PREFIX, EMB_IDS, Replica
+from .replica import Replica
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Worker:
         def encoder(name: str, t: torch.Tensor, codec: Codec) -> bytes:
             return self.feedback.encode(name, t) if codec is self.codec_up else codec.encode(t)
 
-        groups = {k: Group.BODY if k.startswith(BODY_PREFIX) else Group.EMBEDDINGS for k in delta}
+        groups = {k: group_of(k) for k in delta}
         return list(
             encode_stream(delta, open_info=open_info, codec=codec_for, groups=groups, encoder=encoder)
         )
@@ -279,7 +279,13 @@ def run(config: WorkerConfig) -> int:
     state_dir = config.state_dir or Path(tempfile.mkdtemp(prefix=f"dept-worker-{config.source}-"))
     store = WorkerState(state_dir)
     tokenizer = resolve_tokenizer(config, state_dir)
-    client = ServerClient(config.server, token=config.token, timeout_s=config.rpc_timeout_s)
+    client = ServerClient(
+        config.server,
+        token=config.token,
+        timeout_s=config.rpc_timeout_s,
+        credentials=config.channel_credentials(),
+        server_name=config.tls_server_name,
+    )
     digest = vocab_digest(tokenizer)
     try:
         reply = client.join(Worker.join_request(config, digest))

@@ -9,15 +9,11 @@ import torch
 
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError
+from dept_comm.names import BODY_PREFIX, EMB_IDS, EMB_ROWS, EMB_WEIGHT
 from dept_comm.streaming import StreamOpenInfo
 from dept_model import DeptModel
 
 logger = logging.getLogger(__name__)
-
-BODY_PREFIX = "body."
-EMB_WEIGHT = "emb.weight"
-EMB_ROWS = "emb.rows"
-EMB_IDS = "emb.ids"
 
 
 class Replica:
