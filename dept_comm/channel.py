@@ -23,10 +23,13 @@ __all__ = [
     "bind",
     "build_server",
     "call_with_retry",
+    "channel_credentials",
     "channel_options",
     "chunk_timeout_s",
     "error_from_rpc",
     "keep_freed_memory",
+    "open_channel",
+    "server_credentials",
     "server_options",
     "status_for",
 ]
@@ -41,6 +44,7 @@ KEEPALIVE_TIME_MS = 30_000  # client pings this often when idle ...
 KEEPALIVE_TIMEOUT_MS = 10_000  # ... and drops the link when a ping is unanswered this long
 MIN_PING_INTERVAL_MS = 20_000  # server tolerates pings this close; must stay <= KEEPALIVE_TIME_MS
 ERROR_METADATA_KEY = "dept-error"  # trailing metadata naming the DeptError class
+TARGET_NAME_OVERRIDE = "grpc.ssl_target_name_override"  # channel option: the name the server cert must match
 
 STATUS_FOR: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
 
@@ -116,8 +120,75 @@ def build_server(
     )
 
 
+def server_credentials(
+    cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None = None
+) -> grpc.ServerCredentials:
+    """TLS credentials for ``bind``: the server's certificate chain and key, PEM-encoded.
+
+    With ``client_ca_pem`` the server does mutual TLS: the handshake fails (before any handler
+    or interceptor runs) unless the client presents a certificate signed by that CA.
+
+    Raises:
+        ValueError: an empty certificate or key.
+    """
+    if not cert_pem or not key_pem:
+        raise ValueError("server TLS needs both a certificate chain and its private key")
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)],
+        root_certificates=client_ca_pem,
+        require_client_auth=client_ca_pem is not None,
+    )
+
+
+def channel_credentials(
+    ca_pem: bytes | None, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials for ``open_channel``: the roots that verify the server, and an optional client cert.
+
+    ``ca_pem`` None means gRPC's default roots. ``cert_pem`` and ``key_pem`` (both or neither)
+    are the client certificate for a server that requires mutual TLS.
+
+    Raises:
+        ValueError: only one of ``cert_pem`` and ``key_pem``.
+    """
+    if (cert_pem is None) != (key_pem is None):
+        raise ValueError("a client certificate needs its private key and vice versa (both or neither)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+
+
+def open_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> grpc.Channel:
+    """A channel to ``target`` with ``channel_options``: TLS when ``credentials`` is given, else plaintext.
+
+    ``server_name`` replaces the host of ``target`` as the name the server certificate must carry
+    (for a server reached by an address its certificate does not name).
+
+    Raises:
+        ValueError: ``server_name`` without ``credentials`` (it means nothing in plaintext).
+    """
+    opts = list(options) if options is not None else channel_options()
+    if server_name is not None:
+        if credentials is None:
+            raise ValueError(
+                "server_name is checked against the server's certificate: it needs TLS credentials"
+            )
+        opts.append((TARGET_NAME_OVERRIDE, server_name))
+    if credentials is None:
+        return grpc.insecure_channel(target, options=opts)
+    return grpc.secure_channel(target, credentials, options=opts)
+
+
 def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
     """Listen on ``host:port`` (0 picks a free port) and return the bound port.
+
+    With ``credentials`` (see ``server_credentials``) the port speaks TLS only; without, plaintext.
 
     Raises:
         BindError: the address cannot be bound (port taken, bad host).

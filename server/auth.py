@@ -9,6 +9,10 @@ from typing import Any
 import grpc
 
 TOKEN_METADATA_KEY = "authorization"
+# grpc.health.v1.Health answers probes (load balancers, orchestrators) that hold no token; it tells
+# only whether the server is serving. Method paths are matched exactly by gRPC, so this prefix
+# admits the Health service's methods and nothing else.
+PUBLIC_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
 
 def _abort_like(
@@ -35,7 +39,10 @@ def _abort_like(
 
 
 class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Reject calls whose ``authorization: Bearer <token>`` metadata is missing or wrong."""
+    """Reject calls whose ``authorization: Bearer <token>`` metadata is missing or wrong.
+
+    Health-service calls (``PUBLIC_METHOD_PREFIX``) pass without a token.
+    """
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -45,6 +52,8 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if handler_call_details.method.startswith(PUBLIC_METHOD_PREFIX):
+            return continuation(handler_call_details)
         for key, value in handler_call_details.invocation_metadata or ():
             if key == TOKEN_METADATA_KEY:
                 got = value.encode() if isinstance(value, str) else bytes(value)

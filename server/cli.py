@@ -16,6 +16,7 @@ from .config import OUTER_OPTIMIZERS, VARIANTS, ServerConfig
 from .run import run
 
 CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
+PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
 
 
 @click.command(context_settings={"show_default": True})
@@ -42,8 +43,32 @@ CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
 )
 @click.option("--seed", type=int, default=0)
 @click.option("--token", envvar="DEPT_TOKEN", default=None, help="Shared secret workers must present.")
+@click.option(
+    "--tls-cert",
+    type=PEM_FILE,
+    default=None,
+    help="PEM certificate chain; with --tls-key the port speaks TLS.",
+)
+@click.option("--tls-key", type=PEM_FILE, default=None, help="PEM private key of --tls-cert.")
+@click.option(
+    "--tls-client-ca",
+    type=PEM_FILE,
+    default=None,
+    help="PEM CA: require client certificates it signed (mutual TLS).",
+)
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    help="On SIGTERM/SIGINT: seconds in-flight RPCs get to finish.",
+)
 def main(**options: object) -> None:
-    """Run the DEPT coordinator: hold the body, run the rounds, account every byte."""
+    """Run the DEPT coordinator: hold the body, run the rounds, account every byte.
+
+    SIGTERM or SIGINT stops it gracefully: health NOT_SERVING, no new RPCs, in-flight ones get
+    --grace seconds, an unfinished run is checkpointed (with --checkpoint-dir), exit status 0.
+    """
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -51,6 +76,7 @@ def main(**options: object) -> None:
     keep_freed_memory(max_arenas=0)
     try:
         config = ServerConfig(**options)  # type: ignore[arg-type]
+        config.tls_pems()  # unreadable or non-PEM files: a usage error now, not a failed start
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     stop = threading.Event()

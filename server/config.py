@@ -36,6 +36,9 @@ class ServerConfig:
     max_workers_threads: int = 32
     grace_s: float = 5.0
     token: str | None = None  # shared secret workers must present
+    tls_cert: Path | None = None  # PEM certificate chain: the port speaks TLS only (with tls_key)
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # PEM CA: require client certificates it signed (mutual TLS)
     linger_s: float = 0.0  # after the last round, keep serving --metrics-port for a final scrape
 
     def __post_init__(self) -> None:
@@ -59,6 +62,27 @@ class ServerConfig:
             )
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume needs --checkpoint-dir")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """TLS paths: cert and key together, a client CA only with them, every file present."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: pass both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for flag, path in self._tls_paths():
+            if not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+
+    def _tls_paths(self) -> list[tuple[str, Path]]:
+        named = [
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        ]
+        return [(flag, path) for flag, path in named if path is not None]
 
     @property
     def quorum(self) -> int:
@@ -67,3 +91,31 @@ class ServerConfig:
     @property
     def shares_embeddings(self) -> bool:
         return self.variant in ("glob", "trim")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def tls_pems(self) -> tuple[bytes, bytes, bytes | None] | None:
+        """(certificate chain, key, client CA or None) read from the TLS files; None without TLS.
+
+        Raises:
+            ValueError: a file cannot be read or holds no PEM block.
+        """
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        cert = _read_pem(self.tls_cert, "--tls-cert")
+        key = _read_pem(self.tls_key, "--tls-key")
+        ca = _read_pem(self.tls_client_ca, "--tls-client-ca") if self.tls_client_ca is not None else None
+        return cert, key, ca
+
+
+def _read_pem(path: Path, flag: str) -> bytes:
+    """The bytes of a PEM file, checked for a ``-----BEGIN`` line so a wrong file fails here, clearly."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot read it ({err.strerror})") from err
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
+    return data

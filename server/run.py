@@ -1,17 +1,20 @@
-"""Build, start and drive dept-server: gRPC, the round ticker, metrics, graceful stop."""
+"""Build, start and drive dept-server: gRPC, health, the round ticker, metrics, graceful stop."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
+from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
-from dept_comm.channel import bind, build_server
-from dept_comm.service import add_parameter_server
+from dept_comm.channel import bind, build_server, server_credentials
+from dept_comm.service import SERVICE_NAME, add_parameter_server
 
 from .app import ServerApp
 from .auth import TokenInterceptor
@@ -21,10 +24,13 @@ from .servicer import ParameterServerServicer
 
 logger = logging.getLogger(__name__)
 
+OVERALL = ""  # the health service's name for the server as a whole
+HEALTH_THREADS = 2  # health calls run here, never queued behind streams and long polls on the RPC pool
+
 
 @dataclass
 class RunningServer:
-    """A started server: its app, gRPC server, bound ports and the ticker."""
+    """A started server: its app, gRPC server, health servicer, bound ports and the ticker."""
 
     app: ServerApp
     grpc_server: grpc.Server
@@ -32,27 +38,109 @@ class RunningServer:
     metrics_server: ThreadingHTTPServer | None
     metrics_port: int | None
     stop_event: threading.Event
+    health: health.HealthServicer
+    ticker: threading.Thread
 
-    def stop(self, grace_s: float | None = None) -> None:
+    def stop(self, grace_s: float | None = None, *, save_checkpoint: bool = False) -> None:
+        """Stop gracefully: NOT_SERVING at once, refuse new RPCs, give in-flight ones ``grace_s``.
+
+        Then the ticker is joined (no round closes any more) and, with ``save_checkpoint`` and a
+        checkpoint dir, the state of an unfinished run is saved before the app releases its store.
+        """
+        self.health.enter_graceful_shutdown()
         self.stop_event.set()
         self.grpc_server.stop(grace_s).wait()
+        self.ticker.join()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        if save_checkpoint and not self.app.finished.is_set():
+            save_final_checkpoint(self.app)
         self.app.close()
 
 
+def save_final_checkpoint(app: ServerApp) -> None:
+    """Checkpoint the current body and the open round's index, so ``--resume`` continues from here.
+
+    Round closes and abandons already checkpoint; this covers a run stopped before either (and
+    rewrites the current step otherwise, which is harmless: saves are atomic). Call it only once
+    no RPC or ticker can close a round any more.
+    """
+    if app.config.checkpoint_dir is None:
+        return
+    round_idx = app.coordinator.current_round().round_idx
+    # ServerApp has no public "checkpoint now"; _checkpoint is what its round closes call.
+    app._checkpoint(round_idx)
+    logger.info("final_checkpoint round=%d version=%d", round_idx, app.model.version)
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    pems = config.tls_pems()
+    if pems is None:
+        return None
+    cert, key, client_ca = pems
+    return server_credentials(cert, key, client_ca)
+
+
+def _add_health(server: grpc.Server) -> health.HealthServicer:
+    """Register grpc.health.v1.Health with its own small thread pool for Check and Watch.
+
+    gRPC runs every handler on the server's RPC pool unless the handler function carries an
+    ``experimental_thread_pool``; grpcio-health-checking sets one on Watch only (and on the class,
+    shared by every servicer in the process), so a pool full of streams and long polls would
+    starve Check. Per-server wrappers carry this server's pool for both methods; Watch is also
+    non-blocking (it holds no thread between updates). List is not served (UNIMPLEMENTED).
+    """
+    pool = futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="dept-health")
+    servicer = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=pool)
+
+    def check(
+        request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        return servicer.Check(request, context)
+
+    def watch(
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[health_pb2.HealthCheckResponse | None], None] | None = None,
+    ) -> health_pb2.HealthCheckResponse:
+        return servicer.Watch(request, context, send_response_callback)
+
+    for behavior in (check, watch):
+        setattr(behavior, "experimental_thread_pool", pool)  # noqa: B010 (functions have no such field)
+    setattr(watch, "experimental_non_blocking", True)  # noqa: B010
+    codec = {
+        "request_deserializer": health_pb2.HealthCheckRequest.FromString,
+        "response_serializer": health_pb2.HealthCheckResponse.SerializeToString,
+    }
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(check, **codec),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, **codec),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(health.SERVICE_NAME, handlers),))
+    return servicer
+
+
 def start_server(config: ServerConfig) -> RunningServer:
-    """Create the app, bind the port (fails clearly if taken) and start serving."""
+    """Create the app, bind the port (fails clearly if taken) and start serving.
+
+    Raises:
+        ValueError: unreadable TLS files.
+        BindError: the port cannot be bound.
+    """
+    credentials = _credentials(config)
     app = ServerApp(config)
     interceptors = [TokenInterceptor(config.token)] if config.token else []
     server = build_server(config.max_workers_threads, interceptors=interceptors)
     add_parameter_server(ParameterServerServicer(app), server)
+    health_servicer = _add_health(server)
     try:
-        port = bind(server, config.host, config.port)
+        port = bind(server, config.host, config.port, credentials)
     except Exception:
         app.close()
         raise
     server.start()
+    for service in (OVERALL, SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     metrics_server, metrics_port = None, None
     if config.metrics_port is not None:
         metrics_server, metrics_port = serve_metrics(config.host, config.metrics_port, lambda: app.records)
@@ -62,15 +150,25 @@ def start_server(config: ServerConfig) -> RunningServer:
         while not stop.wait(0.5):
             app.maybe_close()
 
-    threading.Thread(target=tick, name="round-ticker", daemon=True).start()
+    ticker = threading.Thread(target=tick, name="round-ticker", daemon=True)
+    ticker.start()
     logger.info(
-        "serving port=%d variant=%s rounds=%d workers=%d", port, config.variant, config.rounds, config.workers
+        "serving port=%d tls=%s mtls=%s variant=%s rounds=%d workers=%d",
+        port,
+        config.tls,
+        config.tls_client_ca is not None,
+        config.variant,
+        config.rounds,
+        config.workers,
     )
-    return RunningServer(app, server, port, metrics_server, metrics_port, stop)
+    return RunningServer(app, server, port, metrics_server, metrics_port, stop, health_servicer, ticker)
 
 
 def run(config: ServerConfig, stop_requested: threading.Event, *, final_eval_wait_s: float = 60.0) -> int:
-    """Serve until the last round closed (or a stop is requested); print the summary."""
+    """Serve until the last round closed (or a stop is requested); print the summary.
+
+    A stop request (SIGTERM/SIGINT in the CLI) stops gracefully and checkpoints an unfinished run.
+    """
     running = start_server(config)
     print(
         json.dumps({"event": "listening", "port": running.port, "metrics_port": running.metrics_port}),
@@ -86,6 +184,8 @@ def run(config: ServerConfig, stop_requested: threading.Event, *, final_eval_wai
         if running.metrics_server is not None and config.linger_s > 0:
             logger.info("run finished; serving final metrics for %.0f s", config.linger_s)
             stop_requested.wait(config.linger_s)
-    running.stop(config.grace_s)
+    else:
+        logger.info("stop requested; draining in-flight RPCs for up to %.1f s", config.grace_s)
+    running.stop(config.grace_s, save_checkpoint=True)
     print(summary_table(app.records), flush=True)
     return 0

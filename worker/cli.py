@@ -13,6 +13,8 @@ from dept_comm.channel import keep_freed_memory
 from .config import WorkerConfig
 from .loop import run
 
+PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
+
 
 @click.command(context_settings={"show_default": True})
 @click.option("--server", default="127.0.0.1:50051", help="dept-server address, HOST:PORT.")
@@ -32,6 +34,12 @@ from .loop import run
 @click.option("--eval-batches", type=click.IntRange(min=1), default=4)
 @click.option("--seed", type=int, default=0)
 @click.option("--token", envvar="DEPT_TOKEN", default=None)
+@click.option("--tls-ca", type=PEM_FILE, default=None, help="PEM CA that verifies the server; turns TLS on.")
+@click.option("--tls-cert", type=PEM_FILE, default=None, help="PEM client certificate (mutual TLS).")
+@click.option("--tls-key", type=PEM_FILE, default=None, help="PEM private key of --tls-cert.")
+@click.option(
+    "--tls-server-name", default=None, help="Name the server certificate must carry [default: the host]."
+)
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
 def main(**options: object) -> None:
     """Train one data source and exchange body updates with dept-server."""
@@ -42,6 +50,7 @@ def main(**options: object) -> None:
     keep_freed_memory(max_arenas=0)
     try:
         config = WorkerConfig(**options)  # type: ignore[arg-type]
+        config.channel_credentials()  # unreadable or non-PEM files: a usage error now, not at connect
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     sys.exit(run(config))

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import grpc
 
-from dept_comm.channel import call_with_retry, channel_options, error_from_rpc
+from dept_comm.channel import call_with_retry, error_from_rpc, open_channel
 from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, as_message
 from dept_comm.pb import service_pb2
@@ -23,10 +23,20 @@ class ServerClient:
     """A channel to dept-server; DeptErrors come back as the same classes the server raised."""
 
     def __init__(
-        self, target: str, *, token: str | None = None, timeout_s: float = 60.0, retry_attempts: int = 8
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        retry_attempts: int = 8,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
     ) -> None:
+        """Open the channel: TLS with ``credentials`` (``server_name`` overrides the name the server
+        certificate must carry), plaintext without; ``token`` goes along as a bearer token either way.
+        """
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=channel_options())
+        self._channel = open_channel(target, credentials=credentials, server_name=server_name)
         self._stub = ParameterServerStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s

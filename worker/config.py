@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
+from dept_comm.channel import channel_credentials
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerConfig:
@@ -25,6 +29,10 @@ class WorkerConfig:
     eval_batches: int = 4
     seed: int = 0
     token: str | None = None
+    tls_ca: Path | None = None  # PEM roots that verify the server; turns TLS on
+    tls_cert: Path | None = None  # PEM client certificate, for a server that requires mutual TLS
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_server_name: str | None = None  # name the server certificate must carry, if not the host's
     rpc_timeout_s: float = 60.0
     compile: bool = False
 
@@ -42,6 +50,22 @@ class WorkerConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """TLS flags: cert and key together, both and the server name only with TLS on, files present."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: pass both or neither")
+        if self.tls_ca is None:
+            for flag, value in (("--tls-cert", self.tls_cert), ("--tls-server-name", self.tls_server_name)):
+                if value is not None:
+                    raise ValueError(f"{flag} needs --tls-ca (the CA that verifies the server turns TLS on)")
+        if self.tls_server_name is not None and not self.tls_server_name.strip():
+            raise ValueError("--tls-server-name must not be empty")
+        named = [("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)]
+        for flag, path in named:
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
 
     @property
     def worker_name(self) -> str:
@@ -51,3 +75,27 @@ class WorkerConfig:
     def data_spec(self) -> str:
         """Where the source's text comes from: --data, or the embedded corpus."""
         return self.data or self.source
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials from the PEM files (client certificate included if given); None without TLS.
+
+        Raises:
+            ValueError: a file cannot be read or holds no PEM block.
+        """
+        if self.tls_ca is None:
+            return None
+        ca = _read_pem(self.tls_ca, "--tls-ca")
+        cert = _read_pem(self.tls_cert, "--tls-cert") if self.tls_cert is not None else None
+        key = _read_pem(self.tls_key, "--tls-key") if self.tls_key is not None else None
+        return channel_credentials(ca, cert, key)
+
+
+def _read_pem(path: Path, flag: str) -> bytes:
+    """The bytes of a PEM file, checked for a ``-----BEGIN`` line so a wrong file fails here, clearly."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot read it ({err.strerror})") from err
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
+    return data

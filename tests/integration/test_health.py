@@ -1,0 +1,132 @@
+"""grpc.health.v1.Health on dept-server: open to probes without a token, never starved, NOT_SERVING on stop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
+from dept_comm.service import SERVICE_NAME
+from dept_server.config import ServerConfig
+from dept_server.run import RunningServer, start_server
+
+TOKEN = "s3cret"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def start(**overrides: object) -> RunningServer:
+    settings: dict[str, object] = {"port": 0, "rounds": 1, "workers": 1, "model": "tiny", "token": TOKEN}
+    settings.update(overrides)
+    return start_server(ServerConfig(**settings))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def running() -> Iterator[RunningServer]:
+    server = start()
+    yield server
+    server.stop(None)
+
+
+@pytest.fixture
+def channel(running: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        yield ch
+
+
+def check(channel: grpc.Channel, service: str, timeout: float = 10) -> int:
+    request = health_pb2.HealthCheckRequest(service=service)
+    return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout).status)
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value.code()
+
+
+def test_health_answers_without_a_token_and_nothing_else_does(channel: grpc.Channel) -> None:
+    assert check(channel, "") == SERVING
+    assert check(channel, SERVICE_NAME) == SERVING
+    assert code_of(lambda: check(channel, "no.such.Service")) == grpc.StatusCode.NOT_FOUND
+
+    stub = service_pb2_grpc.ParameterServerStub(channel)
+    join = service_pb2.JoinRequest(source_id="sw", worker_name="sw")
+    assert code_of(lambda: stub.Join(join, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.Join(join, metadata=AUTH, timeout=10).worker_id
+    # Only the Health service's own path is open: a look-alike is refused like any other method.
+    lookalike = channel.unary_unary(
+        "/grpc.health.v1.HealthCheck/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    assert code_of(lambda: lookalike(health_pb2.HealthCheckRequest(), timeout=10)) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+
+
+def held_open(release: threading.Event) -> Iterator[tensor_pb2.StreamMessage]:
+    """A push stream that sends nothing until ``release``: its handler holds an RPC thread meanwhile."""
+    release.wait(30)
+    yield from ()
+
+
+def test_health_answers_while_every_rpc_thread_is_busy() -> None:
+    server = start(max_workers_threads=2)
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = service_pb2_grpc.ParameterServerStub(channel)
+            worker_id = stub.Join(
+                service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=10
+            ).worker_id
+            pushes = [stub.PushUpdate.future(held_open(release), metadata=AUTH, timeout=30) for _ in range(2)]
+            beat = service_pb2.HeartbeatRequest(worker_id=worker_id)
+            for _ in range(20):  # until both pushes hold both RPC threads
+                try:
+                    stub.Heartbeat(beat, metadata=AUTH, timeout=0.5)
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        break
+                    raise
+            else:
+                pytest.fail("the held pushes never filled the RPC pool")
+            assert check(channel, "", timeout=5) == SERVING
+            assert check(channel, SERVICE_NAME, timeout=5) == SERVING
+            release.set()
+            for push in pushes:  # an empty push is refused; what matters is that it ended
+                assert push.exception(timeout=10) is not None
+    finally:
+        release.set()
+        server.stop(0)
+
+
+def test_graceful_stop_reports_not_serving_and_lets_in_flight_calls_finish(
+    running: RunningServer, channel: grpc.Channel
+) -> None:
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert next(watch).status == SERVING
+
+    stub = service_pb2_grpc.ParameterServerStub(channel)
+    worker_id = stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=10).worker_id
+    poll = service_pb2.WaitRoundRequest(worker_id=worker_id, round_idx=0, timeout_ms=1_500)
+    in_flight = stub.WaitRound.future(poll, metadata=AUTH, timeout=30)
+    # A served heartbeat after the poll was sent: the poll reached the server before the stop.
+    stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=AUTH, timeout=10)
+
+    stopper = threading.Thread(target=running.stop, args=(20.0,))
+    stopper.start()
+    try:
+        assert next(watch).status == NOT_SERVING
+        watch.cancel()  # an open Watch is in flight too: it would hold the stop for the whole grace
+        # The long poll ends on its own timeout, inside the grace period, with an answer.
+        assert in_flight.result(timeout=20).round_idx == 0
+    finally:
+        stopper.join(timeout=30)
+    assert not stopper.is_alive()
+    assert code_of(lambda: check(channel, "", timeout=5)) == grpc.StatusCode.UNAVAILABLE
