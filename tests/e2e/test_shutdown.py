@@ -1,0 +1,76 @@
+"""The real dept-server process on SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish, checkpoint, exit 0."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dept_comm.checkpoint import CheckpointStore
+from dept_comm.pb import service_pb2, service_pb2_grpc
+from dept_server.app import ServerApp
+from dept_server.config import ServerConfig
+from tests.e2e.harness import Server
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+GRACE_S = 3.0
+
+
+def server_args(extra: list[str]) -> list[str]:
+    return [
+        "--port", "0", "--rounds", "2", "--workers", "1", "--variant", "spec", "--model", "tiny",
+        "--round-timeout", "300", "--token", TOKEN, "--grace", str(GRACE_S), *extra,
+    ]  # fmt: skip
+
+
+def test_sigterm_drains_checkpoints_and_exits_zero(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    server = Server(server_args(["--checkpoint-dir", str(ckpt)]), tmp_path / "server.log")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=30
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stub = service_pb2_grpc.ParameterServerStub(channel)
+        worker_id = stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=10).worker_id
+        poll = service_pb2.WaitRoundRequest(worker_id=worker_id, round_idx=0, timeout_ms=1_000)
+        in_flight = stub.WaitRound.future(poll, metadata=AUTH, timeout=30)
+        # Served after the poll was sent on the same connection: the poll is in the server.
+        stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=AUTH, timeout=10)
+
+        server.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # an open Watch would hold the drain for the whole grace period
+        assert in_flight.result(timeout=GRACE_S + 5).round_idx == 0  # answered, not cut off
+    assert server.wait(timeout=GRACE_S + 5) == 0, server.log.read_text()[-3000:]
+
+    # No round closed, so this checkpoint was written on the way out: the initial body, round 0.
+    with CheckpointStore(ckpt) as store:
+        saved = store.latest()
+    assert saved is not None
+    assert saved.meta["round_idx"] == 0 and saved.meta["version"] == 0
+    assert saved.tensors
+    # --resume takes it (ServerApp checks the body's digest against the manifest's).
+    app = ServerApp(
+        ServerConfig(
+            port=0, rounds=2, workers=1, variant="spec", model="tiny", checkpoint_dir=ckpt, resume=True
+        )
+    )
+    try:
+        assert app.model.version == 0
+        assert app.model.digest.hex() == saved.meta["digest"]
+    finally:
+        app.close()
+
+
+def test_sigint_without_checkpoint_dir_exits_zero(tmp_path: Path) -> None:
+    server = Server(server_args([]), tmp_path / "server.log")
+    server.proc.send_signal(signal.SIGINT)
+    assert server.wait(timeout=GRACE_S + 5) == 0, server.log.read_text()[-3000:]
+    assert "stop requested" in server.log.read_text()
