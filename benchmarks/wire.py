@@ -19,7 +19,7 @@ from dept_comm.channel import bind, build_server, channel_options, keep_freed_me
 from dept_comm.codecs import get_codec
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError, DeptError
-from dept_comm.frames import StreamItem, from_wire, to_wire
+from dept_comm.frames import StreamItem, WireItem, read_wire, to_wire
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import (
@@ -50,7 +50,7 @@ def _tensors(size_bytes: int) -> dict[str, torch.Tensor]:
 def _handler(body: Mapping[str, torch.Tensor], config: StreamConfig) -> grpc.GenericRpcHandler[Any, Any]:
     """PushUpdate stages and verifies the commit; PullBody streams ``body``."""
 
-    def push(requests: Iterator[StreamItem], context: grpc.ServicerContext) -> service_pb2.PushReceipt:
+    def push(requests: Iterator[WireItem], context: grpc.ServicerContext) -> service_pb2.PushReceipt:
         rx = StreamReceiver()
         for msg in requests:
             rx.add(msg)
@@ -67,7 +67,7 @@ def _handler(body: Mapping[str, torch.Tensor], config: StreamConfig) -> grpc.Gen
         {
             "PushUpdate": grpc.stream_unary_rpc_method_handler(
                 push,
-                request_deserializer=from_wire,
+                request_deserializer=read_wire,
                 response_serializer=service_pb2.PushReceipt.SerializeToString,
             ),
             "PullBody": grpc.unary_stream_rpc_method_handler(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from dept_comm.digest import Group
-from dept_comm.frames import ChunkFrame
+from dept_comm.frames import ChunkFrame, Undecodable
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = [
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 CONTROL = "control"  # open/commit messages and every non-tensor message
 _UNKNOWN_GROUP = Group.OTHER.label  # a chunk whose tensor header this meter has not seen
 
-M = TypeVar("M", bound=Message | ChunkFrame)
+M = TypeVar("M", bound=Message | ChunkFrame | Undecodable)
 
 
 @dataclass(slots=True)
@@ -78,8 +78,8 @@ class ByteMeter:
         self._groups: dict[str, ByteCounts] = {}
         self._tensor_group: dict[int, str] = {}  # tensor_idx -> group label, for the current stream
 
-    def observe(self, msg: Message | ChunkFrame) -> None:
-        """Count one message (a protobuf message or a chunk frame)."""
+    def observe(self, msg: Message | ChunkFrame | Undecodable) -> None:
+        """Count one message (a protobuf message, a chunk frame, or bytes that parsed as neither)."""
         size = msg.ByteSize()
         chunk: pb.TensorChunk | ChunkFrame | None = None
         header: pb.TensorHeader | None = None

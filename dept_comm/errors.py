@@ -41,6 +41,10 @@ class StreamOrderError(InvalidInputError):
     """Chunks out of sequence, missing headers, or indices past the declared counts."""
 
 
+class MalformedMessageError(InvalidInputError):
+    """Bytes that do not parse as the expected protobuf message."""
+
+
 class CommitMismatchError(InvalidInputError):
     """A commit whose chunk count or digest does not match what was received."""
 

@@ -17,12 +17,24 @@ from __future__ import annotations
 from typing import Final
 
 import xxhash
+from google.protobuf.message import DecodeError
 
 from dept_comm.pb import tensor_pb2 as pb
 
 Buffer = bytes | bytearray | memoryview  # collections.abc.Buffer is Python 3.12+
 
-__all__ = ["Buffer", "ChunkFrame", "StreamItem", "as_message", "chunk_checksum", "from_wire", "to_wire"]
+__all__ = [
+    "Buffer",
+    "ChunkFrame",
+    "StreamItem",
+    "Undecodable",
+    "WireItem",
+    "as_message",
+    "chunk_checksum",
+    "from_wire",
+    "read_wire",
+    "to_wire",
+]
 
 # Wire tags: (field number << 3) | wire type; 0 = varint, 1 = 64-bit, 2 = length-delimited.
 _MSG_CHUNK: Final = 0x0A  # StreamMessage.chunk = 1
@@ -157,6 +169,28 @@ class ChunkFrame:
 StreamItem = pb.StreamMessage | ChunkFrame
 
 
+class Undecodable:
+    """Bytes that are no ``StreamMessage``, as :func:`read_wire` hands them on.
+
+    The receiver refuses it with a clear error; gRPC never sees a failing deserializer (whose
+    abort path, racing the handler, has left a grpcio server unable to shut down).
+    """
+
+    __slots__ = ("size", "reason")
+
+    def __init__(self, size: int, reason: str) -> None:
+        self.size, self.reason = size, reason
+
+    def ByteSize(self) -> int:  # noqa: N802 - counted like any message
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Undecodable(size={self.size}, reason={self.reason!r})"
+
+
+WireItem = StreamItem | Undecodable
+
+
 def to_wire(item: StreamItem) -> bytes:
     """gRPC serializer for stream messages: a frame's own bytes, else protobuf's."""
     if isinstance(item, ChunkFrame):
@@ -172,6 +206,15 @@ def from_wire(wire: bytes) -> StreamItem:
     """
     frame = _read_chunk(wire)
     return frame if frame is not None else pb.StreamMessage.FromString(wire)
+
+
+def read_wire(wire: bytes) -> WireItem:
+    """gRPC deserializer for stream messages: :func:`from_wire`, with bytes it rejects handed on
+    as :class:`Undecodable` (never raises)."""
+    try:
+        return from_wire(wire)
+    except DecodeError as err:
+        return Undecodable(len(wire), str(err))
 
 
 def as_message(item: StreamItem) -> pb.StreamMessage:

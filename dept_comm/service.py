@@ -4,7 +4,7 @@ The generated ``service_pb2_grpc`` code (de)serializes every ``StreamMessage`` t
 which copies a chunk's payload twice per side. :func:`add_parameter_server` and
 :class:`ParameterServerStub` register and call the same methods, under the same names and with
 the same bytes on the wire, but move ``StreamMessage``s with ``dept_comm.frames.to_wire`` and
-``from_wire``; every other message still goes through protobuf. Either side interoperates with a
+``read_wire``; every other message still goes through protobuf. Either side interoperates with a
 peer that uses the generated code.
 """
 
@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
-from dept_comm.frames import StreamItem, from_wire, to_wire
+from dept_comm.frames import StreamItem, WireItem, read_wire, to_wire
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
 
@@ -34,7 +34,7 @@ Deserializer = Callable[[bytes], Any]
 def _codec(descriptor: Any) -> tuple[Serializer, Deserializer]:
     """(serializer, deserializer) of one message type."""
     if descriptor.full_name == _STREAM_MESSAGE:
-        return to_wire, from_wire
+        return to_wire, read_wire
     cls = GetMessageClass(descriptor)
     return cls.SerializeToString, cls.FromString
 
@@ -68,7 +68,7 @@ def add_parameter_server(servicer: object, server: grpc.Server) -> None:
 class ParameterServerStub(service_pb2_grpc.ParameterServerStub):
     """The generated stub, with its stream methods sending and reading frames."""
 
-    PullBody: grpc.UnaryStreamMultiCallable[service_pb2.PullRequest, StreamItem]  # type: ignore[assignment]
+    PullBody: grpc.UnaryStreamMultiCallable[service_pb2.PullRequest, WireItem]  # type: ignore[assignment]
     PushUpdate: grpc.StreamUnaryMultiCallable[StreamItem, service_pb2.PushReceipt]  # type: ignore[assignment]
 
     def __init__(self, channel: grpc.Channel) -> None:

@@ -17,11 +17,12 @@ from dept_comm.errors import (
     ChecksumError,
     CommitMismatchError,
     ConflictError,
+    MalformedMessageError,
     ManifestMismatchError,
     SizeLimitError,
     StreamOrderError,
 )
-from dept_comm.frames import ChunkFrame, StreamItem, chunk_checksum
+from dept_comm.frames import ChunkFrame, StreamItem, Undecodable, WireItem, chunk_checksum
 from dept_comm.manifest import (
     DEFAULT_LIMITS,
     MAX_CHUNK_BYTES,
@@ -208,13 +209,15 @@ class StreamReceiver:
     def committed(self) -> bool:
         return self._commit is not None
 
-    def add(self, msg: StreamItem) -> None:
+    def add(self, msg: WireItem) -> None:
         """Validate one message and stage it (open, chunk or commit).
 
         Raises:
             StreamOrderError, ChecksumError, ConflictError, ManifestMismatchError, SizeLimitError,
             UnknownCodecError, CommitMismatchError: see the module's checks; nothing is stored.
         """
+        if isinstance(msg, Undecodable):
+            raise MalformedMessageError(f"a message of {msg.size} bytes is not a StreamMessage: {msg.reason}")
         if isinstance(msg, ChunkFrame):
             with self._lock:
                 self._check_live()
@@ -440,7 +443,7 @@ class StreamReceiver:
 
 
 def receive_stream(
-    messages: Iterable[StreamItem],
+    messages: Iterable[WireItem],
     *,
     manifest: Manifest | None = None,
     limits: ReceiveLimits = DEFAULT_LIMITS,
@@ -454,7 +457,7 @@ def receive_stream(
     """
     rx = StreamReceiver(manifest=manifest, limits=limits, require_all=require_all)
     for msg in messages:
-        if rx.committed:
+        if rx.committed and not isinstance(msg, Undecodable):
             kind = "chunk" if isinstance(msg, ChunkFrame) else msg.WhichOneof("kind")
             raise StreamOrderError(f"message {kind!r} after the commit")
         rx.add(msg)

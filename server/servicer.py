@@ -10,7 +10,7 @@ import grpc
 
 from dept_comm.channel import abort_with
 from dept_comm.errors import DeptError
-from dept_comm.frames import StreamItem
+from dept_comm.frames import StreamItem, WireItem
 from dept_comm.pb import service_pb2
 
 from .app import ServerApp
@@ -50,7 +50,7 @@ class ParameterServerServicer:
             yield msg
 
     def PushUpdate(
-        self, request_iterator: Iterator[StreamItem], context: grpc.ServicerContext
+        self, request_iterator: Iterator[WireItem], context: grpc.ServicerContext
     ) -> service_pb2.PushReceipt:
         return _guard(context, lambda: self._app.push(request_iterator))
 

@@ -10,7 +10,7 @@ import grpc
 
 from dept_comm.channel import call_with_retry, error_from_rpc, open_channel
 from dept_comm.errors import DeptError
-from dept_comm.frames import StreamItem, as_message
+from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import unsent
@@ -58,10 +58,10 @@ class ServerClient:
     def join(self, request: service_pb2.JoinRequest) -> service_pb2.JoinReply:
         return self._call(lambda: self._stub.Join(request, timeout=self._timeout_s, metadata=self._metadata))
 
-    def pull(self, request: service_pb2.PullRequest) -> list[StreamItem]:
+    def pull(self, request: service_pb2.PullRequest) -> list[WireItem]:
         """Receive a whole pull stream (a cut stream is retried from the start)."""
 
-        def once() -> list[StreamItem]:
+        def once() -> list[WireItem]:
             return list(self._stub.PullBody(request, timeout=self._timeout_s * 10, metadata=self._metadata))
 
         return self._call(once)

@@ -136,14 +136,14 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     chunk.checksum = chunk_checksum(chunk.data)
     assert code_of(lambda: push(stub, bomb[:-1])) == grpc.StatusCode.INVALID_ARGUMENT
 
-    # Bytes that are no StreamMessage at all, and a chunk cut short: refused, not a crash.
+    # Bytes that are no StreamMessage at all, and a chunk cut short: refused by name, not a crash.
     cut = [m.SerializeToString() for m in upload(worker_id, info, zeros)[:-1]]
     cut[1] = cut[1][: len(cut[1]) // 2]
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         raw_push = channel.stream_unary("/dept.v1.ParameterServer/PushUpdate")  # bytes as they are
         for wires in ([b"\xff\xff\xff"], cut):
             assert code_of(lambda: raw_push(iter(wires), metadata=AUTH, timeout=30)) == (  # noqa: B023
-                grpc.StatusCode.INTERNAL
+                grpc.StatusCode.INVALID_ARGUMENT
             )
 
     # A message over the receive limit (gRPC's own check).

@@ -7,8 +7,19 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dept_comm.frames import ChunkFrame, as_message, chunk_checksum, from_wire, to_wire
+from dept_comm.accounting import ByteMeter, metered
+from dept_comm.errors import MalformedMessageError
+from dept_comm.frames import (
+    ChunkFrame,
+    Undecodable,
+    as_message,
+    chunk_checksum,
+    from_wire,
+    read_wire,
+    to_wire,
+)
 from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.streaming import StreamReceiver, receive_stream
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -172,3 +183,18 @@ def test_open_commit_and_trailing_fields_go_to_protobuf():
     )
     _same_verdict(chunk_then_commit)  # a oneof: the last member set wins
     assert from_wire(chunk_then_commit).WhichOneof("kind") == "commit"  # type: ignore[union-attr]
+
+
+def test_read_wire_hands_on_what_protobuf_rejects_and_the_receiver_refuses_it():
+    good = ChunkFrame.build(upload_id="u", seq=0, tensor_idx=0, chunk_idx=0, header=None, data=b"abc")
+    assert isinstance(read_wire(good.wire), ChunkFrame)
+    bad = read_wire(good.wire[:-3])
+    assert isinstance(bad, Undecodable) and bad.ByteSize() == len(good.wire) - 3
+    rx = StreamReceiver()
+    with pytest.raises(MalformedMessageError, match="not a StreamMessage"):
+        rx.add(bad)
+    with pytest.raises(MalformedMessageError):
+        receive_stream([bad])
+    meter = ByteMeter()
+    list(metered([bad], meter))
+    assert meter.by_group()["control"].payload_bytes == len(good.wire) - 3
