@@ -19,6 +19,8 @@ from dept_comm.accounting import ByteMeter, RoundMetrics, WorkerRoundMetrics, me
 from dept_comm.checkpoint import CheckpointStore
 from dept_comm.coordinator import CoordinatorConfig, RoundCoordinator, worker_id_for
 from dept_comm.errors import (
+    ConflictError,
+    MalformedMessageError,
     ManifestMismatchError,
     NotFoundError,
     PermissionDeniedError,
@@ -26,10 +28,11 @@ from dept_comm.errors import (
     StaleRoundError,
     StreamOrderError,
 )
-from dept_comm.frames import ChunkFrame, StreamItem
+from dept_comm.frames import ChunkFrame, StreamItem, Undecodable, WireItem
 from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
+from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
 
 from .aggregate import RoundAggregate
@@ -231,10 +234,12 @@ class ServerApp:
         meter = self._worker_round(req.worker_id, round_idx).down
         return metered(iter(messages), meter)
 
-    def push(self, messages: Iterable[StreamItem]) -> service_pb2.PushReceipt:
+    def push(self, messages: Iterable[WireItem]) -> service_pb2.PushReceipt:
         it = iter(messages)
         first = next(it, None)
-        if first is None or isinstance(first, ChunkFrame) or first.WhichOneof("kind") != "open":
+        if isinstance(first, Undecodable):
+            raise MalformedMessageError(f"the first message is not a StreamMessage: {first.reason}")
+        if not isinstance(first, pb.StreamMessage) or first.WhichOneof("kind") != "open":
             raise StreamOrderError("an upload must start with a StreamOpen message")
         info = StreamOpenInfo.from_pb(first.open)
         worker_id = info.sender_id
@@ -246,14 +251,16 @@ class ServerApp:
             )
         meter = self._worker_round(worker_id, info.round_idx).up
         meter.observe(first)
+        # The coordinator owns the upload's life: it fences it, supersedes the worker's previous
+        # upload, refuses one after the worker's commit, and later expires it; we free staging
+        # for whatever it drops.
+        self.coordinator.begin_upload(worker_id, info.round_idx, info.upload_id)
+        self._free_dropped_uploads()
         with self._lock:
             entry = self._uploads.get(info.upload_id)
             if entry is not None and entry[0] != worker_id:
                 raise PermissionDeniedError("upload id belongs to another worker")
             if entry is None:
-                # One open upload per worker: a new upload id supersedes (and frees) the old one.
-                for uid in [u for u, e in self._uploads.items() if e[0] == worker_id]:
-                    del self._uploads[uid]
                 manifest = self.model.upload_manifest(self._row_ids.get(worker_id))
                 limits = ReceiveLimits(
                     max_tensors=len(manifest), allowed_codecs=frozenset({self.config.codec_up, "raw", "fp32"})
@@ -263,14 +270,30 @@ class ServerApp:
                 entry = (worker_id, info.round_idx, rx)
                 self._uploads[info.upload_id] = entry
         rx = entry[2]
+        touched = time.monotonic()
         for msg in metered(it, meter):
-            kind = "chunk" if isinstance(msg, ChunkFrame) else msg.WhichOneof("kind")
+            kind = "chunk" if isinstance(msg, (ChunkFrame, Undecodable)) else msg.WhichOneof("kind")
             if kind == "open":
                 raise StreamOrderError("a second StreamOpen inside one upload stream")
             if kind == "commit":
                 raise StreamOrderError("send the commit with CommitUpdate, not inside the stream")
             rx.add(msg)
+            if time.monotonic() - touched > 1.0:  # a slow link's long stream is activity too
+                self.coordinator.touch_upload(worker_id, info.upload_id)
+                touched = time.monotonic()
         return self._receipt(info.upload_id, rx)
+
+    def _free_dropped_uploads(self) -> None:
+        """Discard the staging of every upload the coordinator dropped (superseded, expired, left
+        open at its round's end, or its worker left)."""
+        dropped = self.coordinator.take_dropped_uploads()
+        if not dropped:
+            return
+        with self._lock:
+            for upload_id in dropped:
+                entry = self._uploads.pop(upload_id, None)
+                if entry is not None:
+                    entry[2].discard()
 
     @staticmethod
     def _receipt(upload_id: str, rx: StreamReceiver) -> service_pb2.PushReceipt:
@@ -302,6 +325,11 @@ class ServerApp:
         update = rx.decode_all()  # validates every tensor (finite, manifest) before folding any
         with self._close_lock:
             self.coordinator.check_push(req.worker_id, req.round_idx)
+            counted = self._counted_upload(worker_id, round_idx)
+            if counted is not None:  # refuse before folding: a fold cannot be taken back
+                raise ConflictError(
+                    f"worker {worker_id} already committed upload {counted} for round {round_idx}"
+                )
             self._aggregate.fold(update)
             self.coordinator.commit(worker_id, upload_id, round_idx)
             with self._lock:
@@ -340,7 +368,12 @@ class ServerApp:
 
     # -- closing rounds ----------------------------------------------------------------------
     def maybe_close(self) -> bool:
-        """Close the open round if every expected worker committed, or at the deadline with quorum."""
+        """Close the open round if every expected worker committed, or at the deadline with quorum.
+
+        Also frees the staging of uploads the coordinator dropped since the last call (the
+        server's ticker calls this twice a second).
+        """
+        self._free_dropped_uploads()
         with self._close_lock:
             state = self.coordinator.current_round()
             if state.finished or not self.coordinator.ready_to_close(time.time()):
@@ -376,8 +409,7 @@ class ServerApp:
             time.monotonic() - started,
         )
         self._round_started = time.monotonic()
-        with self._lock:
-            self._uploads = {u: e for u, e in self._uploads.items() if e[1] > round_idx}
+        self._free_dropped_uploads()  # the coordinator dropped what was left open in the round
         if state.finished:
             self.finished.set()
 

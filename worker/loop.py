@@ -18,6 +18,7 @@ from dept_comm.codecs import Codec, codec_names, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.errors import (
     CommitMismatchError,
+    ConflictError,
     DeptError,
     NotFoundError,
     RoundNotOpenError,
@@ -242,8 +243,10 @@ class Worker:
                     if not self.info.committed:
                         self.do_round()
                     self.wait_for_close(round_idx)
-                except StaleRoundError as err:
-                    logger.warning("round=%d update refused as stale (%s); re-pulling", round_idx, err)
+                except (StaleRoundError, ConflictError) as err:
+                    # Stale: the model moved on. Conflict: this upload was dropped (superseded or
+                    # expired) or another one already counted. Either way, ask where the round is.
+                    logger.warning("round=%d update refused (%s); re-pulling", round_idx, err)
                     self.pending = None
                     self.info = self.client.heartbeat(
                         service_pb2.HeartbeatRequest(worker_id=self.worker_id)
