@@ -456,17 +456,35 @@ class ServerApp:
         # save never overwrites the checkpoint a crash would fall back to.
         self._store.save(next_round, self.model.checkpoint_groups(), meta)
 
-    def wait_all_left(self, timeout_s: float) -> None:
-        """Wait until every worker that joined, and at least ``--workers`` of them, has left.
+    def wait_all_left(self, timeout_s: float, stop: threading.Event | None = None) -> None:
+        """Wait until every worker that joined, and at least ``--workers`` of them, has left, or
+        ``stop`` is set (checked every 0.2 s).
 
         The count matters after a restart past the last round: the new process has seen no
         worker yet, and must not exit before they come back for their final pull.
         """
+        deadline = time.monotonic() + timeout_s
         with self._lock:
-            self._left_cond.wait_for(
-                lambda: self._left >= set(self._sources) and len(self._left) >= self.config.workers,
-                timeout=timeout_s,
-            )
+            while not (self._left >= set(self._sources) and len(self._left) >= self.config.workers):
+                left_s = deadline - time.monotonic()
+                if left_s <= 0 or (stop is not None and stop.is_set()):
+                    return
+                self._left_cond.wait(min(left_s, 0.2))
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the body and the open round's index now, so ``--resume`` continues here.
+
+        Takes the close lock, so it never interleaves with a round close; a no-op without
+        ``--checkpoint-dir``. Round closes and abandons checkpoint on their own; this is for a stop.
+        """
+        with self._close_lock:
+            self._checkpoint(self.coordinator.current_round().round_idx)
+
+    @property
+    def staged_upload_bytes(self) -> int:
+        """Bytes held for open (uncommitted) uploads: at most one per worker."""
+        with self._lock:
+            return sum(rx.staged_bytes for _, _, rx in self._uploads.values())
 
     def write_final(self) -> None:
         """Append the final evaluation (reported by workers on Leave) to the metrics file."""

@@ -67,10 +67,10 @@ def save_final_checkpoint(app: ServerApp) -> None:
     """
     if app.config.checkpoint_dir is None:
         return
-    round_idx = app.coordinator.current_round().round_idx
-    # ServerApp has no public "checkpoint now"; _checkpoint is what its round closes call.
-    app._checkpoint(round_idx)
-    logger.info("final_checkpoint round=%d version=%d", round_idx, app.model.version)
+    app.save_checkpoint()
+    logger.info(
+        "final_checkpoint round=%d version=%d", app.coordinator.current_round().round_idx, app.model.version
+    )
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -179,7 +179,7 @@ def run(config: ServerConfig, stop_requested: threading.Event, *, final_eval_wai
         app.finished.wait(0.2)
     if app.finished.is_set():
         # Workers pull the final body, evaluate it and report on Leave; give them a moment.
-        app.wait_all_left(final_eval_wait_s)
+        app.wait_all_left(final_eval_wait_s, stop=stop_requested)  # SIGTERM cuts the wait short
         app.write_final()
         if running.metrics_server is not None and config.linger_s > 0:
             logger.info("run finished; serving final metrics for %.0f s", config.linger_s)

@@ -100,6 +100,13 @@ class ServerClient:
 
         return self._call(once)
 
+    def query_upload(self, worker_id: str, upload_id: str) -> service_pb2.PushReceipt:
+        """What the server holds of an open upload (NotFoundError once it was dropped or counted)."""
+        request = service_pb2.QueryUploadRequest(worker_id=worker_id, upload_id=upload_id)
+        return self._call(
+            lambda: self._stub.QueryUpload(request, timeout=self._timeout_s, metadata=self._metadata)
+        )
+
     def commit(self, request: service_pb2.CommitUpdateRequest) -> service_pb2.CommitReply:
         # Idempotent on the server (same upload id -> same answer), so retrying is safe.
         return self._call(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -130,3 +131,12 @@ def test_graceful_stop_reports_not_serving_and_lets_in_flight_calls_finish(
         stopper.join(timeout=30)
     assert not stopper.is_alive()
     assert code_of(lambda: check(channel, "", timeout=5)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_stop_request_cuts_the_wait_for_departing_workers_short(running: RunningServer) -> None:
+    """After the last round the server waits for workers to leave; SIGTERM must not wait it out."""
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    running.app.wait_all_left(600, stop=stop)  # no worker ever joined: only the stop ends this
+    assert stop.is_set() and time.monotonic() - started < 60
