@@ -15,11 +15,12 @@ from typing import Any
 import grpc
 import torch
 
-from dept_comm.channel import bind, build_server, channel_options, keep_freed_memory
+from dept_comm.channel import bind, build_server, channel_options
 from dept_comm.codecs import get_codec
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError, DeptError
 from dept_comm.frames import StreamItem, WireItem, read_wire, to_wire
+from dept_comm.memory import keep_freed_memory
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import (
@@ -214,7 +215,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     one copy of the payload, read in place, one XXH3-64 pass per side for checksums and digests.
 
     The top-level figures use the allocator setting dept-server and dept-worker use
-    (``dept_comm.channel.keep_freed_memory(max_arenas=0)``); ``default_allocator`` repeats all of
+    (``dept_comm.memory.keep_freed_memory(max_arenas=0)``); ``default_allocator`` repeats all of
     it in two new processes with glibc's defaults.
     """
     size = (32 if quick else 256) << 20

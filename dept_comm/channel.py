@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import random
 import time
@@ -23,13 +22,10 @@ __all__ = [
     "bind",
     "build_server",
     "call_with_retry",
-    "channel_credentials",
     "channel_options",
     "chunk_timeout_s",
     "error_from_rpc",
-    "keep_freed_memory",
     "open_channel",
-    "server_credentials",
     "server_options",
     "status_for",
 ]
@@ -120,44 +116,6 @@ def build_server(
     )
 
 
-def server_credentials(
-    cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None = None
-) -> grpc.ServerCredentials:
-    """TLS credentials for ``bind``: the server's certificate chain and key, PEM-encoded.
-
-    With ``client_ca_pem`` the server does mutual TLS: the handshake fails (before any handler
-    or interceptor runs) unless the client presents a certificate signed by that CA.
-
-    Raises:
-        ValueError: an empty certificate or key.
-    """
-    if not cert_pem or not key_pem:
-        raise ValueError("server TLS needs both a certificate chain and its private key")
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)],
-        root_certificates=client_ca_pem,
-        require_client_auth=client_ca_pem is not None,
-    )
-
-
-def channel_credentials(
-    ca_pem: bytes | None, cert_pem: bytes | None = None, key_pem: bytes | None = None
-) -> grpc.ChannelCredentials:
-    """TLS credentials for ``open_channel``: the roots that verify the server, and an optional client cert.
-
-    ``ca_pem`` None means gRPC's default roots. ``cert_pem`` and ``key_pem`` (both or neither)
-    are the client certificate for a server that requires mutual TLS.
-
-    Raises:
-        ValueError: only one of ``cert_pem`` and ``key_pem``.
-    """
-    if (cert_pem is None) != (key_pem is None):
-        raise ValueError("a client certificate needs its private key and vice versa (both or neither)")
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
-    )
-
-
 def open_channel(
     target: str,
     *,
@@ -188,7 +146,7 @@ def open_channel(
 def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
     """Listen on ``host:port`` (0 picks a free port) and return the bound port.
 
-    With ``credentials`` (see ``server_credentials``) the port speaks TLS only; without, plaintext.
+    With ``credentials`` (see ``dept_comm.tls.server_credentials``) the port speaks TLS only; without, plaintext.
 
     Raises:
         BindError: the address cannot be bound (port taken, bad host).
@@ -298,51 +256,6 @@ def call_with_retry(
             logger.warning("rpc_retry attempt=%d/%d code=%s delay_s=%.2f", attempt + 1, attempts, code, delay)
             sleep(delay)
     raise AssertionError("unreachable: the loop returns or raises")
-
-
-_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-
-def keep_freed_memory(
-    *, mmap_threshold_bytes: int = 32 << 20, trim_threshold_bytes: int = 1 << 30, max_arenas: int = 1
-) -> bool:
-    """Opt-in, process-wide: let glibc malloc keep freed memory for reuse instead of unmapping it.
-
-    Every protobuf message, serialized copy and staging buffer of a stream is fresh memory. By
-    default glibc unmaps freed blocks of a few MiB (and whole per-thread arena heaps), so the next
-    stream page-faults them in again; in this sandbox a fresh page costs ~0.7 ms per MiB, more than
-    gRPC's own per-MiB cost. Measured here: building and serializing 1 MiB chunks fell from ~1.7
-    to ~0.35 ms/MiB, and staging on a server handler thread from ~0.8 to ~0.2 ms/MiB (the latter
-    needs ``max_arenas=1``, because per-thread arena heaps are unmapped whenever they empty).
-    The price: the resident set stays at its high-water mark, and threads share one malloc arena.
-    Equivalent to ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=..:glibc.malloc.trim_threshold=..
-    :glibc.malloc.arena_max=1``. Call it first thing in a CLI's ``main`` (before threads start);
-    never from library code.
-
-    Returns:
-        False where the C library has no ``mallopt`` (not glibc); True when every setting took.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    settings = [(_M_MMAP_THRESHOLD, mmap_threshold_bytes), (_M_TRIM_THRESHOLD, trim_threshold_bytes)]
-    if max_arenas > 0:
-        settings.append((_M_ARENA_MAX, max_arenas))
-    ok = all([bool(mallopt(param, value) == 1) for param, value in settings])
-    logger.info(
-        "malloc_tuned ok=%s mmap_threshold_bytes=%d trim_threshold_bytes=%d max_arenas=%d",
-        ok,
-        mmap_threshold_bytes,
-        trim_threshold_bytes,
-        max_arenas,
-    )
-    return ok
 
 
 def chunk_timeout_s(num_bytes: int, *, min_bandwidth_bps: float = 1e6) -> float:

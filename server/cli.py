@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dept_comm.channel import keep_freed_memory
+from dept_comm.memory import keep_freed_memory
 
 from .config import OUTER_OPTIMIZERS, VARIANTS, ServerConfig
 from .run import run

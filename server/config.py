@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dept_comm.tls import read_pem
+
 VARIANTS = ("glob", "trim", "spec", "spec-opt")
 OUTER_OPTIMIZERS = ("fedavg", "nesterov")
 
@@ -104,18 +106,7 @@ class ServerConfig:
         """
         if self.tls_cert is None or self.tls_key is None:
             return None
-        cert = _read_pem(self.tls_cert, "--tls-cert")
-        key = _read_pem(self.tls_key, "--tls-key")
-        ca = _read_pem(self.tls_client_ca, "--tls-client-ca") if self.tls_client_ca is not None else None
+        cert = read_pem(self.tls_cert, "--tls-cert")
+        key = read_pem(self.tls_key, "--tls-key")
+        ca = read_pem(self.tls_client_ca, "--tls-client-ca") if self.tls_client_ca is not None else None
         return cert, key, ca
-
-
-def _read_pem(path: Path, flag: str) -> bytes:
-    """The bytes of a PEM file, checked for a ``-----BEGIN`` line so a wrong file fails here, clearly."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot read it ({err.strerror})") from err
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
-    return data

@@ -13,8 +13,9 @@ from http.server import ThreadingHTTPServer
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from dept_comm.channel import bind, build_server, server_credentials
+from dept_comm.channel import bind, build_server
 from dept_comm.service import SERVICE_NAME, add_parameter_server
+from dept_comm.tls import server_credentials
 
 from .app import ServerApp
 from .auth import TokenInterceptor

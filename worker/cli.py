@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dept_comm.channel import keep_freed_memory
+from dept_comm.memory import keep_freed_memory
 
 from .config import WorkerConfig
 from .loop import run

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from dept_comm.channel import channel_credentials
+from dept_comm.tls import channel_credentials, read_pem
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,18 +84,7 @@ class WorkerConfig:
         """
         if self.tls_ca is None:
             return None
-        ca = _read_pem(self.tls_ca, "--tls-ca")
-        cert = _read_pem(self.tls_cert, "--tls-cert") if self.tls_cert is not None else None
-        key = _read_pem(self.tls_key, "--tls-key") if self.tls_key is not None else None
+        ca = read_pem(self.tls_ca, "--tls-ca")
+        cert = read_pem(self.tls_cert, "--tls-cert") if self.tls_cert is not None else None
+        key = read_pem(self.tls_key, "--tls-key") if self.tls_key is not None else None
         return channel_credentials(ca, cert, key)
-
-
-def _read_pem(path: Path, flag: str) -> bytes:
-    """The bytes of a PEM file, checked for a ``-----BEGIN`` line so a wrong file fails here, clearly."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot read it ({err.strerror})") from err
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
-    return data

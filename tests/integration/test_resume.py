@@ -4,33 +4,25 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections.abc import Iterator
 
 import pytest
-import torch
 
-from dept_comm.codecs import get_codec
 from dept_comm.frames import ChunkFrame, StreamItem, as_message
 from dept_comm.pb import service_pb2
-from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, encode_stream, receive_stream
-from dept_server.config import ServerConfig
-from dept_server.run import RunningServer, start_server
+from dept_comm.streaming import PULL_LIMITS, receive_stream
+from dept_server.run import RunningServer
 from dept_worker.client import ServerClient
 from tests.faults.proxy import TcpProxy
+from tests.integration.servers import delta_upload, join_and_pull, serving
 
 CHUNK_BYTES = 16 << 10  # many chunks from the tiny model's body
 
 
 @pytest.fixture
 def running(tmp_path) -> Iterator[RunningServer]:
-    config = ServerConfig(
-        port=0, rounds=2, workers=1, variant="spec", model="tiny", codec_up="int8", codec_down="int8",
-        checkpoint_dir=tmp_path / "ckpt",
-    )  # fmt: skip
-    server = start_server(config)
-    yield server
-    server.stop(None)
+    with serving(tmp_path) as server:
+        yield server
 
 
 class CutOnce(list[StreamItem]):
@@ -52,26 +44,8 @@ def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, ca
     with TcpProxy("127.0.0.1", running.port) as proxy:
         client = ServerClient(proxy.address, timeout_s=20)
         try:
-            worker_id = client.join(service_pb2.JoinRequest(source_id="sw", worker_name="sw")).worker_id
-            pulled = client.pull(service_pb2.PullRequest(worker_id=worker_id, full=True))
-            info, body = receive_stream(pulled, limits=PULL_LIMITS)
-            delta = {k: torch.full_like(v, 0.01) for k, v in body.items()}
-            open_info = StreamOpenInfo(
-                upload_id=f"u-{uuid.uuid4().hex}",
-                sender_id=worker_id,
-                round_idx=0,
-                base_version=info.target_version,
-                base_digest=info.target_digest,
-                is_delta=True,
-            )
-            messages = list(
-                encode_stream(
-                    delta,
-                    open_info=open_info,
-                    codec=get_codec("fp32"),
-                    config=StreamConfig(chunk_bytes=CHUNK_BYTES),
-                )
-            )
+            worker_id, info, body = join_and_pull(client)
+            messages = delta_upload(worker_id, info, body, chunk_bytes=CHUNK_BYTES)
             upload, commit = messages[:-1], as_message(messages[-1]).commit
             chunks = [m for m in upload if isinstance(m, ChunkFrame)]
             assert len(chunks) >= 20
@@ -104,7 +78,7 @@ def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, ca
             assert new_info.target_version == 1
             # FedAvg of one worker, outer lr 1: the body moves by the update, as the int8 down-link
             # carries it (the server applies what it sends, so replicas stay bit-exact).
-            moved = {k: float((new_body[k] - body[k] - delta[k]).abs().max()) for k in body}
+            moved = {k: float((new_body[k] - body[k] - 0.01).abs().max()) for k in body}
             assert max(moved.values()) < 1e-4, moved
         finally:
             client.close()

@@ -1,0 +1,54 @@
+"""Process-wide malloc tuning for processes that stream large tensors (glibc only)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+__all__ = ["keep_freed_memory"]
+
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def keep_freed_memory(
+    *, mmap_threshold_bytes: int = 32 << 20, trim_threshold_bytes: int = 1 << 30, max_arenas: int = 1
+) -> bool:
+    """Opt-in, process-wide: let glibc malloc keep freed memory for reuse instead of unmapping it.
+
+    Every serialized chunk, received message and staging buffer of a stream is fresh memory. By
+    default glibc unmaps freed blocks of a few MiB (and whole per-thread arena heaps), so the next
+    stream page-faults them in again; in this sandbox a fresh page costs ~0.7 ms per MiB, more than
+    gRPC's own per-MiB cost. Measured here (with protobuf-built chunks, before chunk frames):
+    building and serializing 1 MiB chunks fell from ~1.7 to ~0.35 ms/MiB, and staging on a server
+    handler thread from ~0.8 to ~0.2 ms/MiB; ``dept-bench wire`` reports both settings.
+    The price: the resident set stays at its high-water mark, and threads share one malloc arena.
+    Equivalent to ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=..:glibc.malloc.trim_threshold=..
+    :glibc.malloc.arena_max=1``. Call it first thing in a CLI's ``main`` (before threads start);
+    never from library code.
+
+    Returns:
+        False where the C library has no ``mallopt`` (not glibc); True when every setting took.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    settings = [(_M_MMAP_THRESHOLD, mmap_threshold_bytes), (_M_TRIM_THRESHOLD, trim_threshold_bytes)]
+    if max_arenas > 0:
+        settings.append((_M_ARENA_MAX, max_arenas))
+    ok = all([bool(mallopt(param, value) == 1) for param, value in settings])
+    logger.info(
+        "malloc_tuned ok=%s mmap_threshold_bytes=%d trim_threshold_bytes=%d max_arenas=%d",
+        ok,
+        mmap_threshold_bytes,
+        trim_threshold_bytes,
+        max_arenas,
+    )
+    return ok
