@@ -35,7 +35,7 @@ from dept_comm.streaming import (
 logger = logging.getLogger(__name__)
 
 _TENSOR_BYTES = 4 << 20  # a model body is many tensors of a few MiB each
-_REPEATS = 7
+_REPEATS = 11
 _RAW_SERVICE = "dept.bench.Raw"
 # Untimed first pass: fresh pages cost ~1.5 ms/MiB in this sandbox; later passes reuse freed memory,
 # as a long-running server and worker do.
@@ -200,7 +200,7 @@ def _tcp(port: int, payload: memoryview) -> float:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """Push and pull 256 MiB (quick: 32 MiB) of float32 over loopback gRPC and TCP; best of 7 each.
+    """Push and pull 256 MiB (quick: 32 MiB) of float32 over loopback gRPC and TCP; best of 11 each.
 
     The server (gRPC servicer and TCP sink) and the client run in two fresh processes, so the
     sides do not share one GIL. gRPC push ends when the server has verified the commit; pull ends
