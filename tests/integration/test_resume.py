@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -26,16 +27,21 @@ def running(tmp_path) -> Iterator[RunningServer]:
 
 
 class CutOnce(list[StreamItem]):
-    """An upload whose first pass resets every proxied connection after ``at`` messages."""
+    """An upload whose first pass resets every proxied connection after ``at`` messages, once the
+    server has staged some of them (so that there is something to resume from, however slow the
+    machine)."""
 
-    def __init__(self, items: list[StreamItem], proxy: TcpProxy, at: int) -> None:
+    def __init__(self, items: list[StreamItem], proxy: TcpProxy, at: int, staged: Callable[[], int]) -> None:
         super().__init__(items)
-        self.proxy, self.at, self.passes = proxy, at, 0
+        self.proxy, self.at, self.staged, self.passes = proxy, at, staged, 0
 
     def __iter__(self) -> Iterator[StreamItem]:
         self.passes += 1
         for i, item in enumerate(super().__iter__()):
             if self.passes == 1 and i == self.at:
+                deadline = time.monotonic() + 30
+                while self.staged() == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 self.proxy.reset_all()
             yield item
 
@@ -50,7 +56,7 @@ def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, ca
             chunks = [m for m in upload if isinstance(m, ChunkFrame)]
             assert len(chunks) >= 20
             upload_bytes = sum(m.ByteSize() for m in upload)
-            cut = CutOnce(upload, proxy, at=len(upload) // 2)
+            cut = CutOnce(upload, proxy, at=len(upload) // 2, staged=lambda: running.app.staged_upload_bytes)
 
             up_before = proxy.counts.up
             with caplog.at_level(logging.INFO, logger="dept_worker.client"):
