@@ -139,7 +139,7 @@ class ReceiveLimits:
 
 
 DEFAULT_LIMITS = ReceiveLimits()
-# Pulls from the coordinator: the stream is checked (CRCs, digests, sizes), and the body digest
+# Pulls from the coordinator: the stream is checked (checksums, digests, sizes), and the body digest
 # after applying it proves equality with the server's copy, whose inputs were all checked finite.
 PULL_LIMITS = ReceiveLimits(require_finite=False)
 

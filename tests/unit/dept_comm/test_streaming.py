@@ -84,7 +84,7 @@ def _copy(msg):
     return out
 
 
-def _recrc(msg):
+def _rechecksum(msg):
     msg.chunk.checksum = chunk_checksum(msg.chunk.data)
     return msg
 
@@ -270,9 +270,9 @@ def test_oversized_chunk_and_size_inconsistencies(sample):
     _rejects(rx, msgs[1], SizeLimitError, "limit 512")
     rx = _opened(msgs)
     rx.add(msgs[1])
-    short = _recrc(_copy(msgs[2]))
+    short = _rechecksum(_copy(msgs[2]))
     short.chunk.data = msgs[2].chunk.data[:-8]
-    _rejects(rx, _recrc(short), SizeLimitError, "expected 1024")
+    _rejects(rx, _rechecksum(short), SizeLimitError, "expected 1024")
 
 
 def test_manifest_mismatches(sample):
@@ -405,7 +405,7 @@ def test_duplicate_seq_same_bytes_once_different_bytes_conflict(sample):
     data = bytearray(changed.chunk.data)
     data[0] ^= 1
     changed.chunk.data = bytes(data)
-    _rejects(rx, _recrc(changed), ConflictError)
+    _rejects(rx, _rechecksum(changed), ConflictError)
     moved = _copy(msgs[2])
     moved.chunk.seq = 9
     _rejects(rx, moved, ConflictError, "another seq")
@@ -501,7 +501,7 @@ def test_count_nonfinite_all_float_dtypes():
 def test_payload_digest_mismatch_is_caught_at_commit(sample):
     _, msgs = sample
     forged = [_copy(m) for m in msgs]
-    forged[4].chunk.header.digest = b"\x01" * 16  # CRCs still match: only the header lies
+    forged[4].chunk.header.digest = b"\x01" * 16  # chunk checksums still match: only the header lies
     rx = StreamReceiver()
     with pytest.raises(CommitMismatchError, match="'b'.*does not hash to its header's digest"):
         for m in forged:
