@@ -219,7 +219,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     it in two new processes with glibc's defaults.
     """
     size = (32 if quick else 256) << 20
-    out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": StreamConfig().chunk_bytes}
+    out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": StreamConfig().chunk_bytes, "repeats": _REPEATS}
     out |= _in_process(size, tuned=True)
     out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     out["default_allocator"] = _in_process(size, tuned=False)
