@@ -13,6 +13,7 @@ import grpc
 
 from dept_comm import errors
 from dept_comm.errors import DeptError
+from dept_comm.stall import StalledStreamError
 
 __all__ = [
     "MAX_CHUNK_BYTES",
@@ -249,7 +250,7 @@ def call_with_retry(
         try:
             return fn()
         except grpc.RpcError as err:
-            code = err.code() if isinstance(err, grpc.Call) else None
+            code = err.code() if isinstance(err, (grpc.Call, StalledStreamError)) else None
             if code not in retry_on or attempt == attempts - 1:
                 raise
             delay = draw(0.0, min(max_delay_s, base_delay_s * (2**attempt)))

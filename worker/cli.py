@@ -40,6 +40,13 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 @click.option(
     "--tls-server-name", default=None, help="Name the server certificate must carry [default: the host]."
 )
+@click.option(
+    "--min-bandwidth-mbps",
+    type=click.FloatRange(min=0.001),
+    default=1.0,
+    show_default=True,
+    help="A pull or push that moves no 1 MiB chunk in 3x the time this rate needs is cancelled and resumed.",
+)
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
 def main(**options: object) -> None:
     """Train one data source and exchange body updates with dept-server."""

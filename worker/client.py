@@ -1,4 +1,4 @@
-"""ServerClient: every call to dept-server, each with a deadline, retries where safe."""
+"""ServerClient: every call to dept-server, each with a deadline (streams: per message), retries where safe."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import TypeVar
 
 import grpc
 
-from dept_comm.channel import call_with_retry, error_from_rpc, open_channel
+from dept_comm.channel import call_with_retry, chunk_timeout_s, error_from_rpc, open_channel
 from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
+from dept_comm.stall import StalledStreamError, StallGuard
 from dept_comm.streaming import unsent
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,14 @@ class ServerClient:
         retry_attempts: int = 8,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
+        stream_idle_s: float | None = None,
     ) -> None:
         """Open the channel: TLS with ``credentials`` (``server_name`` overrides the name the server
         certificate must carry), plaintext without; ``token`` goes along as a bearer token either way.
+
+        Pulls and pushes have no deadline as a whole (a large model over a slow link may take
+        hours); one is cancelled and retried once no message moved for ``stream_idle_s`` (default:
+        what a 1 MiB chunk needs at 1 Mbit/s, with 3x slack: 25 s).
         """
         self.target = target
         self._channel = open_channel(target, credentials=credentials, server_name=server_name)
@@ -41,6 +47,9 @@ class ServerClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
         self._attempts = retry_attempts
+        self.stream_idle_s = (
+            stream_idle_s if stream_idle_s is not None else chunk_timeout_s(1 << 20, min_bandwidth_bps=125e3)
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -59,10 +68,18 @@ class ServerClient:
         return self._call(lambda: self._stub.Join(request, timeout=self._timeout_s, metadata=self._metadata))
 
     def pull(self, request: service_pb2.PullRequest) -> list[WireItem]:
-        """Receive a whole pull stream (a cut stream is retried from the start)."""
+        """Receive a whole pull stream (a cut or stalled stream is retried from the start)."""
 
         def once() -> list[WireItem]:
-            return list(self._stub.PullBody(request, timeout=self._timeout_s * 10, metadata=self._metadata))
+            with StallGuard(self.stream_idle_s) as guard:
+                call = self._stub.PullBody(request, metadata=self._metadata)
+                guard.on_stall(call.cancel)
+                try:
+                    return list(guard.guarded(call))
+                except grpc.RpcError as err:
+                    if guard.fired:
+                        raise StalledStreamError(self.stream_idle_s) from err
+                    raise
 
         return self._call(once)
 
@@ -96,7 +113,15 @@ class ServerClient:
                         len(todo) - 1,
                         len(messages) - 1,
                     )
-            return self._stub.PushUpdate(iter(todo), timeout=self._timeout_s * 10, metadata=self._metadata)
+            with StallGuard(self.stream_idle_s) as guard:
+                future = self._stub.PushUpdate.future(guard.guarded(iter(todo)), metadata=self._metadata)
+                guard.on_stall(future.cancel)
+                try:
+                    return future.result()
+                except (grpc.RpcError, grpc.FutureCancelledError) as err:
+                    if guard.fired:
+                        raise StalledStreamError(self.stream_idle_s) from err
+                    raise
 
         return self._call(once)
 

@@ -34,6 +34,7 @@ class WorkerConfig:
     tls_key: Path | None = None  # PEM private key of tls_cert
     tls_server_name: str | None = None  # name the server certificate must carry, if not the host's
     rpc_timeout_s: float = 60.0
+    min_bandwidth_mbps: float = 1.0  # a pull or push slower than this for a whole chunk is stalled
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class WorkerConfig:
             raise ValueError(f"server must be HOST:PORT, got {self.server!r}")
         if not self.source:
             raise ValueError("source must be a non-empty source id, e.g. sw")
+        if not self.min_bandwidth_mbps > 0:
+            raise ValueError(f"min_bandwidth_mbps must be > 0, got {self.min_bandwidth_mbps}")
         for field, value in (("inner_steps", self.inner_steps), ("batch_size", self.batch_size)):
             if value < 1:
                 raise ValueError(f"{field} must be >= 1, got {value}")

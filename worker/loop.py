@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import torch
 
+from dept_comm.channel import chunk_timeout_s
 from dept_comm.codecs import Codec, codec_names, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.errors import (
@@ -288,6 +289,7 @@ def run(config: WorkerConfig) -> int:
         timeout_s=config.rpc_timeout_s,
         credentials=config.channel_credentials(),
         server_name=config.tls_server_name,
+        stream_idle_s=chunk_timeout_s(1 << 20, min_bandwidth_bps=config.min_bandwidth_mbps * 125e3),
     )
     digest = vocab_digest(tokenizer)
     try:

@@ -34,6 +34,7 @@ def test_server_rejects_bad_flags(args: list[str], needle: str) -> None:
         (["--source", "sw", "--server", "nohostport"], "HOST:PORT"),
         (["--source", "sw", "--device", "tpu"], "tpu"),
         (["--source", "sw", "--inner-steps", "0"], "inner-steps"),
+        (["--source", "sw", "--min-bandwidth-mbps", "0"], "min-bandwidth-mbps"),
         ([], "--source"),
     ],
 )
@@ -52,3 +53,5 @@ def test_configs_validate_directly() -> None:
     assert WorkerConfig(server="h:1", source="sw").data_spec == "sw"
     with pytest.raises(ValueError, match="lr"):
         WorkerConfig(server="h:1", source="sw", lr=0)
+    with pytest.raises(ValueError, match="min_bandwidth_mbps"):
+        WorkerConfig(server="h:1", source="sw", min_bandwidth_mbps=0)

@@ -1,0 +1,78 @@
+"""StallGuard: fires once after ``idle_s`` without a message, never while messages move."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from dept_comm.channel import call_with_retry
+from dept_comm.stall import StalledStreamError, StallGuard
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fires_once_after_idle_and_not_while_poked():
+    clock, cancels = Clock(), []
+    guard = StallGuard(5.0, clock=clock)
+    guard.on_stall(lambda: cancels.append(clock.now))
+    for _ in range(20):  # 20 messages, 4 s apart: never 5 s idle
+        clock.now += 4.0
+        assert not guard.check()
+        guard.poke()
+    clock.now += 5.0
+    assert not guard.check()  # exactly idle_s is not a stall
+    clock.now += 0.5
+    assert guard.check() and guard.fired and cancels == [clock.now]
+    clock.now += 100.0
+    assert guard.check() and len(cancels) == 1  # once
+
+
+def test_guarded_pokes_per_message_and_on_stall_restarts_the_clock():
+    clock = Clock()
+    guard = StallGuard(1.0, clock=clock)
+    clock.now += 10.0
+    guard.on_stall(lambda: None)  # attaching restarts the idle clock
+    assert not guard.check()
+
+    def slow_source():
+        for i in range(3):
+            clock.now += 0.9
+            yield i
+
+    assert list(guard.guarded(slow_source())) == [0, 1, 2]
+    assert not guard.check()
+
+
+def test_watchdog_thread_cancels_a_stuck_call():
+    cancelled = []
+    with StallGuard(0.2, poll_s=0.02) as guard:
+        guard.on_stall(lambda: cancelled.append(True))
+        for _ in range(500):
+            if guard.fired:
+                break
+            time.sleep(0.02)
+    assert cancelled == [True]
+
+
+def test_a_stall_is_retried_like_a_deadline():
+    attempts = []
+
+    def call():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise StalledStreamError(25.0)
+        return "done"
+
+    assert call_with_retry(call, attempts=5, sleep=lambda s: None) == "done" and len(attempts) == 3
+    err = StalledStreamError(25.0)
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "25.0 s" in err.details()
+    with pytest.raises(ValueError):
+        StallGuard(0)
