@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from dept_comm.digest import Group
-from dept_comm.frames import ChunkFrame, Undecodable
+from dept_comm.frames import ChunkFrame, Undecodable, chunk_of, header_of, kind_of
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = [
@@ -82,29 +82,21 @@ class ByteMeter:
         """Count one message (a protobuf message, a chunk frame, or bytes that parsed as neither)."""
         size = msg.ByteSize()
         chunk: pb.TensorChunk | ChunkFrame | None = None
-        header: pb.TensorHeader | None = None
-        if isinstance(msg, ChunkFrame):
-            chunk, header = msg, msg.header
-        elif isinstance(msg, pb.StreamMessage):
-            kind = msg.WhichOneof("kind")
-            if kind == "chunk":
-                chunk = msg.chunk
-                header = chunk.header if chunk.HasField("header") else None
-            elif kind == "open":
-                with self._lock:
-                    self._tensor_group.clear()
-        elif isinstance(msg, pb.TensorChunk):
+        if isinstance(msg, pb.TensorChunk):
             chunk = msg
-            header = chunk.header if chunk.HasField("header") else None
+        elif isinstance(msg, (pb.StreamMessage, ChunkFrame, Undecodable)):
+            chunk = chunk_of(msg)
+        header = header_of(chunk) if chunk is not None else None
         with self._lock:
+            if isinstance(msg, pb.StreamMessage) and kind_of(msg) == "open":
+                self._tensor_group.clear()  # a new stream: its tensor indices start again
             raw = 0
             if chunk is None:
                 label = CONTROL
             elif header is not None:
-                h = header
-                label = _group_label(h.group)
+                label = _group_label(header.group)
                 self._tensor_group[chunk.tensor_idx] = label
-                raw = h.raw_bytes
+                raw = header.raw_bytes
             else:
                 label = self._tensor_group.get(chunk.tensor_idx, _UNKNOWN_GROUP)
             c = self._groups.setdefault(label, ByteCounts())

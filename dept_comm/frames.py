@@ -31,6 +31,9 @@ __all__ = [
     "WireItem",
     "as_message",
     "chunk_checksum",
+    "chunk_of",
+    "header_of",
+    "kind_of",
     "from_wire",
     "read_wire",
     "to_wire",
@@ -146,7 +149,7 @@ class ChunkFrame:
             seq=c.seq,
             tensor_idx=c.tensor_idx,
             chunk_idx=c.chunk_idx,
-            header=c.header if c.HasField("header") else None,
+            header=header_of(c),
             data=memoryview(data),
             checksum=c.checksum,
             wire=wire,
@@ -215,6 +218,30 @@ def read_wire(wire: bytes) -> WireItem:
         return from_wire(wire)
     except DecodeError as err:
         return Undecodable(len(wire), str(err))
+
+
+def kind_of(item: WireItem) -> str:
+    """``"open"``, ``"chunk"``, ``"commit"`` (or ``""`` for a message with none set); a frame is a
+    chunk, and so are bytes that parsed as nothing (the receiver refuses them as malformed)."""
+    if isinstance(item, (ChunkFrame, Undecodable)):
+        return "chunk"
+    return item.WhichOneof("kind") or ""
+
+
+def chunk_of(item: WireItem) -> ChunkFrame | pb.TensorChunk | None:
+    """The chunk an item carries (a frame is its own), or None for open, commit and undecodable bytes."""
+    if isinstance(item, ChunkFrame):
+        return item
+    if isinstance(item, pb.StreamMessage) and item.WhichOneof("kind") == "chunk":
+        return item.chunk
+    return None
+
+
+def header_of(chunk: ChunkFrame | pb.TensorChunk) -> pb.TensorHeader | None:
+    """A chunk's tensor header, or None (protobuf reports an unset header as an empty message)."""
+    if isinstance(chunk, ChunkFrame):
+        return chunk.header
+    return chunk.header if chunk.HasField("header") else None
 
 
 def as_message(item: StreamItem) -> pb.StreamMessage:

@@ -80,7 +80,7 @@ def chunk_checksums(payload: Buffer, chunk_bytes: int) -> list[int]:
     return [chunk_checksum(view[k * chunk_bytes : (k + 1) * chunk_bytes]) for k in range(n)]
 
 
-def payload_digest(checksums: Sequence[int]) -> bytes:
+def payload_digest(checksums: Sequence[int] | np.ndarray) -> bytes:
     """A payload's digest: xxh3-128 over its chunk checksums, 8 bytes little-endian each, in order.
 
     Each chunk's bytes are hashed once (its checksum, checked on arrival); the digest ties the
@@ -313,7 +313,7 @@ class TensorStage:
 
     def verify_digest(self) -> None:
         """Raise unless every chunk is held and the payload hashes to the header's digest."""
-        if len(self.held) != self.num_chunks or payload_digest(self._sums.tolist()) != self.digest:
+        if len(self.held) != self.num_chunks or payload_digest(self._sums) != self.digest:
             raise CommitMismatchError(
                 f"tensor {self.spec.name!r}: payload of {len(self.held)}/{self.num_chunks} chunks"
                 " does not hash to its header's digest"

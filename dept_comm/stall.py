@@ -44,8 +44,10 @@ class StallGuard:
     """Calls the ``on_stall`` callback (e.g. ``call.cancel``) once no message moved for ``idle_s``.
 
     Use as a context manager around the call; wrap the messages with :meth:`guarded` (or call
-    :meth:`poke` per message). A watchdog thread runs while the context is open. ``clock`` and
-    :meth:`check` let tests drive it without waiting.
+    :meth:`poke` per message). A watchdog thread runs while the context is open; once the guard
+    has fired, whatever the cancelled call raises (``grpc.RpcError``,
+    ``grpc.FutureCancelledError``) leaves the context as a :class:`StalledStreamError`. ``clock``
+    and :meth:`check` let tests drive it without waiting.
     """
 
     def __init__(
@@ -110,3 +112,5 @@ class StallGuard:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._fired and isinstance(exc, (grpc.RpcError, grpc.FutureCancelledError)):
+            raise StalledStreamError(self.idle_s) from exc

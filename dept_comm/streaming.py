@@ -22,7 +22,17 @@ from dept_comm.errors import (
     SizeLimitError,
     StreamOrderError,
 )
-from dept_comm.frames import ChunkFrame, StreamItem, Undecodable, WireItem, chunk_checksum
+from dept_comm.frames import (
+    ChunkFrame,
+    StreamItem,
+    Undecodable,
+    WireItem,
+    as_message,
+    chunk_checksum,
+    chunk_of,
+    header_of,
+    kind_of,
+)
 from dept_comm.manifest import (
     DEFAULT_LIMITS,
     MAX_CHUNK_BYTES,
@@ -218,21 +228,15 @@ class StreamReceiver:
         """
         if isinstance(msg, Undecodable):
             raise MalformedMessageError(f"a message of {msg.size} bytes is not a StreamMessage: {msg.reason}")
-        if isinstance(msg, ChunkFrame):
-            with self._lock:
-                self._check_live()
-                self._add_chunk(msg, msg.header)
-            return
-        kind = msg.WhichOneof("kind")
+        chunk, kind = chunk_of(msg), kind_of(msg)
         with self._lock:
             self._check_live()
-            if kind == "open":
-                self._add_open(msg.open)
-            elif kind == "chunk":
-                c = msg.chunk
-                self._add_chunk(c, c.header if c.HasField("header") else None)
+            if chunk is not None:
+                self._add_chunk(chunk, header_of(chunk))
+            elif kind == "open":
+                self._add_open(as_message(msg).open)
             elif kind == "commit":
-                self._commit_locked(msg.commit)
+                self._commit_locked(as_message(msg).commit)
             else:
                 raise StreamOrderError("stream message with no open, chunk or commit set")
 
@@ -458,8 +462,7 @@ def receive_stream(
     rx = StreamReceiver(manifest=manifest, limits=limits, require_all=require_all)
     for msg in messages:
         if rx.committed and not isinstance(msg, Undecodable):
-            kind = "chunk" if isinstance(msg, ChunkFrame) else msg.WhichOneof("kind")
-            raise StreamOrderError(f"message {kind!r} after the commit")
+            raise StreamOrderError(f"message {kind_of(msg)!r} after the commit")
         rx.add(msg)
     if not rx.committed or rx.open_info is None:
         raise CommitMismatchError("stream ended without a commit")
@@ -478,12 +481,7 @@ def unsent(messages: Sequence[StreamItem], receipt: service_pb2.PushReceipt) -> 
     first_unseen = receipt.num_chunks + len(missing)
 
     def needed(m: StreamItem) -> bool:
-        if isinstance(m, ChunkFrame):
-            seq = m.seq
-        elif m.WhichOneof("kind") == "chunk":
-            seq = m.chunk.seq
-        else:
-            return True
-        return seq >= first_unseen or seq in missing
+        chunk = chunk_of(m)
+        return chunk is None or chunk.seq >= first_unseen or chunk.seq in missing
 
     return [m for m in messages if needed(m)]

@@ -28,7 +28,7 @@ from dept_comm.errors import (
     StaleRoundError,
     StreamOrderError,
 )
-from dept_comm.frames import ChunkFrame, StreamItem, Undecodable, WireItem
+from dept_comm.frames import StreamItem, Undecodable, WireItem, kind_of
 from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
@@ -239,7 +239,7 @@ class ServerApp:
         first = next(it, None)
         if isinstance(first, Undecodable):
             raise MalformedMessageError(f"the first message is not a StreamMessage: {first.reason}")
-        if not isinstance(first, pb.StreamMessage) or first.WhichOneof("kind") != "open":
+        if not isinstance(first, pb.StreamMessage) or kind_of(first) != "open":
             raise StreamOrderError("an upload must start with a StreamOpen message")
         info = StreamOpenInfo.from_pb(first.open)
         worker_id = info.sender_id
@@ -272,7 +272,7 @@ class ServerApp:
         rx = entry[2]
         touched = time.monotonic()
         for msg in metered(it, meter):
-            kind = "chunk" if isinstance(msg, (ChunkFrame, Undecodable)) else msg.WhichOneof("kind")
+            kind = kind_of(msg)
             if kind == "open":
                 raise StreamOrderError("a second StreamOpen inside one upload stream")
             if kind == "commit":

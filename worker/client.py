@@ -13,11 +13,17 @@ from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
-from dept_comm.stall import StalledStreamError, StallGuard
+from dept_comm.stall import StallGuard
 from dept_comm.streaming import unsent
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def stream_idle_for(min_bandwidth_mbps: float) -> float:
+    """How long a pull or push may move no message: 3x what a 1 MiB chunk needs at this rate,
+    within [5, 300] s."""
+    return chunk_timeout_s(1 << 20, min_bandwidth_bps=min_bandwidth_mbps * 125e3)
 
 
 class ServerClient:
@@ -47,9 +53,7 @@ class ServerClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
         self._attempts = retry_attempts
-        self.stream_idle_s = (
-            stream_idle_s if stream_idle_s is not None else chunk_timeout_s(1 << 20, min_bandwidth_bps=125e3)
-        )
+        self.stream_idle_s = stream_idle_s if stream_idle_s is not None else stream_idle_for(1.0)
 
     def close(self) -> None:
         self._channel.close()
@@ -71,15 +75,10 @@ class ServerClient:
         """Receive a whole pull stream (a cut or stalled stream is retried from the start)."""
 
         def once() -> list[WireItem]:
-            with StallGuard(self.stream_idle_s) as guard:
+            with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
                 call = self._stub.PullBody(request, metadata=self._metadata)
                 guard.on_stall(call.cancel)
-                try:
-                    return list(guard.guarded(call))
-                except grpc.RpcError as err:
-                    if guard.fired:
-                        raise StalledStreamError(self.stream_idle_s) from err
-                    raise
+                return list(guard.guarded(call))
 
         return self._call(once)
 
@@ -91,7 +90,6 @@ class ServerClient:
         upload), everything goes again. Identical chunks are kept once, so a resend is harmless.
         """
         opened = as_message(messages[0]).open
-        query = service_pb2.QueryUploadRequest(worker_id=opened.sender_id, upload_id=opened.upload_id)
         attempts = 0
 
         def once() -> service_pb2.PushReceipt:
@@ -100,7 +98,7 @@ class ServerClient:
             todo: Sequence[StreamItem] = messages
             if attempts > 1:
                 try:
-                    receipt = self._stub.QueryUpload(query, timeout=self._timeout_s, metadata=self._metadata)
+                    receipt = self._query_once(opened.sender_id, opened.upload_id)
                 except grpc.RpcError as err:
                     if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.NOT_FOUND:
                         raise  # UNAVAILABLE and the like: call_with_retry tries again
@@ -113,24 +111,20 @@ class ServerClient:
                         len(todo) - 1,
                         len(messages) - 1,
                     )
-            with StallGuard(self.stream_idle_s) as guard:
+            with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
                 future = self._stub.PushUpdate.future(guard.guarded(iter(todo)), metadata=self._metadata)
                 guard.on_stall(future.cancel)
-                try:
-                    return future.result()
-                except (grpc.RpcError, grpc.FutureCancelledError) as err:
-                    if guard.fired:
-                        raise StalledStreamError(self.stream_idle_s) from err
-                    raise
+                return future.result()
 
         return self._call(once)
 
     def query_upload(self, worker_id: str, upload_id: str) -> service_pb2.PushReceipt:
         """What the server holds of an open upload (NotFoundError once it was dropped or counted)."""
+        return self._call(lambda: self._query_once(worker_id, upload_id))
+
+    def _query_once(self, worker_id: str, upload_id: str) -> service_pb2.PushReceipt:
         request = service_pb2.QueryUploadRequest(worker_id=worker_id, upload_id=upload_id)
-        return self._call(
-            lambda: self._stub.QueryUpload(request, timeout=self._timeout_s, metadata=self._metadata)
-        )
+        return self._stub.QueryUpload(request, timeout=self._timeout_s, metadata=self._metadata)
 
     def commit(self, request: service_pb2.CommitUpdateRequest) -> service_pb2.CommitReply:
         # Idempotent on the server (same upload id -> same answer), so retrying is safe.

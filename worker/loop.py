@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import torch
 
-from dept_comm.channel import chunk_timeout_s
 from dept_comm.codecs import Codec, codec_names, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.errors import (
@@ -34,7 +33,7 @@ from dept_model import Variant, evaluate
 from dept_model.data import eval_batches
 from dept_model.tokenizer import vocab_digest
 
-from .client import ServerClient
+from .client import ServerClient, stream_idle_for
 from .config import WorkerConfig
 from .persist import WorkerState
 from .replica import Replica
@@ -289,7 +288,7 @@ def run(config: WorkerConfig) -> int:
         timeout_s=config.rpc_timeout_s,
         credentials=config.channel_credentials(),
         server_name=config.tls_server_name,
-        stream_idle_s=chunk_timeout_s(1 << 20, min_bandwidth_bps=config.min_bandwidth_mbps * 125e3),
+        stream_idle_s=stream_idle_for(config.min_bandwidth_mbps),
     )
     digest = vocab_digest(tokenizer)
     try:

@@ -76,3 +76,15 @@ def test_a_stall_is_retried_like_a_deadline():
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "25.0 s" in err.details()
     with pytest.raises(ValueError):
         StallGuard(0)
+
+
+def test_a_fired_guard_turns_the_cancelled_calls_error_into_a_stall():
+    clock = Clock()
+    with pytest.raises(StalledStreamError) as info, StallGuard(1.0, clock=clock) as guard:
+        clock.now += 2.0
+        assert guard.check()
+        raise grpc.FutureCancelledError()
+    assert isinstance(info.value.__cause__, grpc.FutureCancelledError)
+    # Not fired: the error is the call's own.
+    with pytest.raises(grpc.FutureCancelledError), StallGuard(1.0, clock=Clock()):
+        raise grpc.FutureCancelledError()
