@@ -138,23 +138,6 @@ class ChunkFrame:
             wire=wire,
         )
 
-    @classmethod
-    def from_pb(cls, msg: pb.StreamMessage) -> ChunkFrame:
-        """The frame of a parsed ``StreamMessage`` whose ``kind`` is ``chunk``."""
-        c = msg.chunk
-        wire = msg.SerializeToString()
-        data = c.data
-        return cls(
-            upload_id=c.upload_id,
-            seq=c.seq,
-            tensor_idx=c.tensor_idx,
-            chunk_idx=c.chunk_idx,
-            header=header_of(c),
-            data=memoryview(data),
-            checksum=c.checksum,
-            wire=wire,
-        )
-
     def ByteSize(self) -> int:  # noqa: N802 - the protobuf method name, so meters treat both alike
         return len(self.wire)
 
