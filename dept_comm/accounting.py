@@ -187,7 +187,7 @@ class RoundMetrics:
     up_payload_bytes: int
     down_raw_bytes: int
     down_payload_bytes: int
-    body_digest: str
+    body_digest: str  # xxh3-128 of the body tensors alone
     workers: list[WorkerRoundMetrics]
     full_model_fp32_bytes: int
     uncompressed_body_bytes: int
@@ -195,6 +195,11 @@ class RoundMetrics:
     version: int = 0
     codec_up: str = ""
     codec_down: str = ""
+    # The round digest: every tensor the replicas share (body and any shared embeddings).
+    digest: str = ""
+    # When replicas hold different subsets of the shared state (TRIM's rows), the digest each
+    # one must have, by source; empty when every replica carries ``digest``.
+    replica_digests: dict[str, str] = field(default_factory=dict)
     timestamp_unix_s: float = field(default_factory=time.time)
 
     @property

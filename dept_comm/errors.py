@@ -33,6 +33,10 @@ class ManifestMismatchError(InvalidInputError):
     """A tensor's name, shape, dtype or count disagrees with the expected manifest."""
 
 
+class ResumeMismatchError(ManifestMismatchError):
+    """A checkpoint made by a run with other settings (variant, model, vocabulary) than this one."""
+
+
 class NonFiniteError(InvalidInputError):
     """A decoded tensor holds NaN or Inf."""
 

@@ -24,6 +24,7 @@ from dept_comm.errors import (
     ManifestMismatchError,
     NotFoundError,
     PermissionDeniedError,
+    ResumeMismatchError,
     RunFinishedError,
     StaleRoundError,
     StreamOrderError,
@@ -46,6 +47,27 @@ logger = logging.getLogger(__name__)
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
     """Worker-reported metrics without NaN/Inf (they cannot go into JSON checkpoints)."""
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def check_resume_compatible(meta: Mapping[str, Any], config: ServerConfig, vocab_digest: str) -> None:
+    """Refuse to resume a checkpoint made by a run of another variant, model or vocabulary.
+
+    Raises:
+        ResumeMismatchError: naming the checkpoint's value and this server's, for each that differs.
+    """
+    wanted = {"variant": config.variant, "model": config.model, "vocab_digest": vocab_digest}
+    flags = {"variant": "--variant", "model": "--model", "vocab_digest": "--vocab (digest)"}
+    differ = [
+        f"{flags[k]}: checkpoint {meta.get(k)!r}, this server {v!r}"
+        for k, v in wanted.items()
+        if k in meta and meta[k] != v
+    ]
+    if differ:
+        raise ResumeMismatchError(
+            "cannot --resume: the checkpoint was made by another run ("
+            + "; ".join(differ)
+            + "). Start with the same settings, or use another --checkpoint-dir."
+        )
 
 
 @dataclass
@@ -99,7 +121,11 @@ class ServerApp:
         self._left_cond = threading.Condition(self._lock)
         self.finished = threading.Event()
         if config.resume:
-            self._resume()
+            try:
+                self._resume()
+            except BaseException:
+                self.close()  # release the checkpoint directory's lock
+                raise
 
     # -- startup -----------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -111,8 +137,11 @@ class ServerApp:
             )
             return
         meta = ckpt.meta
+        check_resume_compatible(meta, self.config, self.vocab_digest)
         self.model.restore(ckpt.tensors, version=int(meta["version"]))
-        if self.model.digest.hex() != meta["digest"]:
+        # Checkpoints before the round digest covered the shared embeddings hold the body's digest.
+        restored = self.model.digest if meta.get("digest_covers") == "shared" else self.model.body_digest()
+        if restored.hex() != meta["digest"]:
             raise ManifestMismatchError("checkpoint digest does not match its tensors")
         state = self.coordinator.restore(int(meta["round_idx"]), int(meta["version"]), self.model.digest)
         if state.finished:  # killed after its last round: serve final pulls and evaluations, then exit
@@ -245,7 +274,9 @@ class ServerApp:
         worker_id = info.sender_id
         self._known(worker_id)
         self.coordinator.check_push(worker_id, info.round_idx)
-        if info.base_digest != self.model.digest or info.base_version != self.model.version:
+        if info.base_version != self.model.version or info.base_digest != self.model.replica_digest(
+            self._row_ids.get(worker_id)
+        ):
             raise StaleRoundError(
                 f"update trained from version {info.base_version}, current is {self.model.version}; re-pull"
             )
@@ -431,7 +462,9 @@ class ServerApp:
             up_payload_bytes=sum(w.up_payload_bytes for w in workers),
             down_raw_bytes=sum(w.down_raw_bytes for w in workers),
             down_payload_bytes=sum(w.down_payload_bytes for w in workers),
-            body_digest=self.model.digest.hex(),
+            body_digest=self.model.body_digest().hex(),
+            digest=self.model.digest.hex(),
+            replica_digests=self._replica_digests(per_worker),
             workers=workers,
             full_model_fp32_bytes=int(self.run_info["full_model_fp32_bytes"]),
             uncompressed_body_bytes=4 * self.model.body_numel,
@@ -441,6 +474,15 @@ class ServerApp:
             codec_down=self.config.codec_down,
         )
 
+    def _replica_digests(self, per_worker: Mapping[str, WorkerRound]) -> dict[str, str]:
+        """TRIM: by source, the digest each worker's replica must have after this round (its
+        rows differ per worker); other variants' replicas all carry the round digest."""
+        if self.config.variant != "trim":
+            return {}
+        with self._lock:
+            ids = {w: self._row_ids[w] for w in per_worker if w in self._row_ids}
+        return {per_worker[w].source: self.model.replica_digest(i).hex() for w, i in sorted(ids.items())}
+
     def _checkpoint(self, next_round: int) -> None:
         if self._store is None:
             return
@@ -448,8 +490,10 @@ class ServerApp:
             "round_idx": next_round,
             "version": self.model.version,
             "digest": self.model.digest.hex(),
+            "digest_covers": "shared",
             "variant": self.config.variant,
             "model": self.config.model,
+            "vocab_digest": self.vocab_digest,
             "records": [r.to_dict() for r in self.records],
         }
         # Steps are the next round index: strictly increasing across closes and abandons, so a

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from dept_comm.channel import BindError
+from dept_comm.errors import DeptError
 from dept_comm.memory import keep_freed_memory
 
 from .config import OUTER_OPTIMIZERS, VARIANTS, ServerConfig
@@ -82,7 +84,14 @@ def main(**options: object) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    sys.exit(run(config, stop))
+    try:
+        code = run(config, stop)
+    except (BindError, DeptError) as err:
+        # A refused start (port taken, checkpoint dir locked, a --resume that does not match):
+        # one clear line and exit status 1, no traceback. Nothing was served or written.
+        click.echo(f"dept-server: error: {err}", err=True)
+        sys.exit(1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

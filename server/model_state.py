@@ -58,14 +58,49 @@ class GlobalModel:
         self._raw = get_codec("raw")
         self.feedback = ErrorFeedback(self._codec_down)
         self.version = version
-        self.digest = self.body_digest()
+        self.digest = self.shared_digest()
+        self._replica_digests: dict[bytes, bytes] = {}  # trim: digest of the ids -> replica digest
         self._prev_digest = b""
         self._update: dict[str, torch.Tensor] | None = None
         self._update_bytes: dict[str, bytes] = {}
 
     def body_digest(self) -> bytes:
-        """xxh3-128 of the body tensors: equal on the server and every worker after each round."""
+        """xxh3-128 of the body tensors alone (reported beside the round digest)."""
         return tensors_digest({k: v for k, v in self.shared.items() if k.startswith(BODY_PREFIX)})
+
+    def shared_digest(self) -> bytes:
+        """The round digest: xxh3-128 of every shared tensor (the body, and GLOB/TRIM's global
+        embedding matrix), as the server holds them after each round."""
+        return tensors_digest(self.shared)
+
+    def replica_tensors(self, row_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What one worker's replica holds of the shared state, exactly as the server holds it.
+
+        GLOB and SPEC replicas hold every shared tensor; a TRIM replica holds the body and the
+        rows of its own vocabulary (``emb.rows`` with their global ids ``emb.ids``).
+        """
+        if self.variant != "trim":
+            return self.shared
+        out = {k: v for k, v in self.shared.items() if k != EMB_WEIGHT}
+        if row_ids is not None:
+            out[EMB_ROWS] = self.shared[EMB_WEIGHT].index_select(0, row_ids)
+            out[EMB_IDS] = row_ids
+        return out
+
+    def replica_digest(self, row_ids: torch.Tensor | None) -> bytes:
+        """The digest a worker's replica must have at the current version (see replica_tensors).
+
+        Equal to the round digest except for TRIM, where it covers the worker's own rows; those
+        are cached per version and vocabulary, so each pull and push hashes the body once at most.
+        """
+        if self.variant != "trim":
+            return self.digest
+        key = tensors_digest({EMB_IDS: row_ids}) if row_ids is not None else b""
+        cached = self._replica_digests.get(key)
+        if cached is None:
+            cached = tensors_digest(self.replica_tensors(row_ids))
+            self._replica_digests[key] = cached
+        return cached
 
     # -- what crosses the wire -------------------------------------------------------------
     def group_of(self, name: str) -> Group:
@@ -136,7 +171,7 @@ class GlobalModel:
             base_version=have_version if delta else 0,
             base_digest=self._prev_digest if delta else b"",
             target_version=self.version,
-            target_digest=self.digest,
+            target_digest=self.replica_digest(row_ids),
         )
 
     # -- the outer step ----------------------------------------------------------------------
@@ -157,7 +192,8 @@ class GlobalModel:
             self.shared[name].add_(decoded[name])
         self._prev_digest = self.digest
         self.version += 1
-        self.digest = self.body_digest()
+        self.digest = self.shared_digest()
+        self._replica_digests = {}
         self._update, self._update_bytes = decoded, encoded
         logger.info("outer_step version=%d digest=%s", self.version, self.digest.hex()[:16])
         return {k: len(v) for k, v in encoded.items()}
@@ -181,5 +217,6 @@ class GlobalModel:
         self.outer.load_state_dict(dict(groups.get("outer", {})))
         self.feedback.load_state_dict(dict(groups.get("feedback", {})))
         self.version = version
-        self.digest = self.body_digest()
+        self.digest = self.shared_digest()
+        self._replica_digests = {}
         self._update, self._update_bytes, self._prev_digest = None, {}, b""

@@ -95,7 +95,7 @@ class Worker:
         return [int(i) for i in self.setup.model.embeddings.global_ids().tolist()]
 
     def pull(self, full: bool = False) -> None:
-        """Bring the replica to the server's current version, verifying the body digest."""
+        """Bring the replica to the server's current version, verifying its digest."""
         for attempt in (0, 1):
             request = service_pb2.PullRequest(
                 worker_id=self.worker_id,
@@ -107,7 +107,9 @@ class Worker:
             info, tensors = receive_stream(self.client.pull(request), limits=PULL_LIMITS)
             try:
                 self.replica.apply_pull(info, tensors)
-                self.store.record_digest(self.replica.version, self.replica.body_digest().hex())
+                self.store.record_digest(
+                    self.replica.version, self.replica.body_digest().hex(), self.replica.digest().hex()
+                )
                 return
             except CommitMismatchError as err:
                 logger.warning("pull did not verify (%s); pulling the full body", err)
@@ -138,7 +140,7 @@ class Worker:
             sender_id=self.worker_id,
             round_idx=round_idx,
             base_version=self.replica.version,
-            base_digest=self.replica.body_digest(),
+            base_digest=self.replica.digest(),
             target_version=0,
             target_digest=b"",
             is_delta=True,

@@ -60,10 +60,12 @@ class WorkerState:
             if not old.stem.endswith(tag):
                 old.unlink()
 
-    def record_digest(self, version: int, digest_hex: str) -> None:
-        """Append the verified body digest of each pulled version (proof of bit-identical replicas)."""
+    def record_digest(self, version: int, body_digest_hex: str, digest_hex: str) -> None:
+        """Append the digests of each pulled and verified version (proof of bit-identical replicas):
+        the body's alone, and the replica's whole shared state (what the pull was verified against)."""
+        row = {"version": version, "body_digest": body_digest_hex, "digest": digest_hex}
         with open(self.dir / "digests.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"version": version, "body_digest": digest_hex}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
     def load(self) -> dict[str, Any] | None:
         """The last saved state, or None when the directory holds none."""

@@ -21,8 +21,8 @@ class Replica:
 
     The local model trains away from them for one round; the update sent back is the
     difference. Pulls are applied to the replica first (``+=`` for deltas, the same float32
-    addition the server does), verified against the round's body digest, then loaded into the
-    model.
+    addition the server does), verified against the digest of every shared tensor the server
+    holds for this replica (body, and GLOB's matrix or TRIM's rows), then loaded into the model.
     """
 
     def __init__(self, model: DeptModel, variant: str) -> None:
@@ -32,7 +32,13 @@ class Replica:
         self.version = -1
 
     def body_digest(self) -> bytes:
+        """xxh3-128 of the body tensors alone."""
         return tensors_digest({k: v for k, v in self.tensors.items() if k.startswith(BODY_PREFIX)})
+
+    def digest(self) -> bytes:
+        """xxh3-128 of everything this replica shares with the server: the body, and GLOB's
+        embedding matrix or TRIM's rows with their ids. Pulls are verified against it."""
+        return tensors_digest(self.tensors)
 
     def apply_pull(self, info: StreamOpenInfo, tensors: Mapping[str, torch.Tensor]) -> None:
         """Apply a verified pull stream; raises CommitMismatchError if the digest disagrees."""
@@ -52,11 +58,11 @@ class Replica:
         if EMB_ROWS in tensors:
             self.tensors[EMB_ROWS] = tensors[EMB_ROWS].to(torch.float32).clone()
             self.tensors[EMB_IDS] = tensors[EMB_IDS].to(torch.int64).clone()
-        digest = self.body_digest()
+        digest = self.digest()
         if digest != info.target_digest:
             self.version = -1
             raise CommitMismatchError(
-                f"body digest after pull {digest.hex()[:16]} != server's {info.target_digest.hex()[:16]}"
+                f"replica digest after pull {digest.hex()[:16]} != server's {info.target_digest.hex()[:16]}"
             )
         self.version = info.target_version
         self._load_into_model()

@@ -75,7 +75,7 @@ class RoundInfo(_message.Message):
     version: _builtins.int
     """body version: number of outer steps applied"""
     body_digest: _builtins.bytes
-    """xxh3-128 of the body at `version`"""
+    """round digest: xxh3-128 of every shared tensor at `version`"""
     schema_hash: _builtins.bytes
     """names, shapes, dtypes of the body"""
     deadline_unix_ms: _builtins.int

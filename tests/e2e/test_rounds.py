@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import urllib.request
@@ -10,9 +11,21 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import SOURCES
-from tests.e2e.harness import Server, records, start_worker, worker_digests
+from tests.e2e.harness import (
+    EXIT_S,
+    MARGIN_S,
+    RUN_S,
+    START_S,
+    Server,
+    records,
+    start_worker,
+    wait_workers,
+    worker_digests,
+)
 
 pytestmark = pytest.mark.slow
+# One server start, one run of the workers, the metrics scrape, the server's exit.
+RUN_TIMEOUT_S = START_S + RUN_S + EXIT_S + MARGIN_S
 
 
 def server_args(
@@ -25,11 +38,14 @@ def server_args(
     ]  # fmt: skip
 
 
-def worker_args(port: int, source: str, vocab: Path, tmp: Path) -> list[str]:
+def worker_args(
+    port: int, source: str, vocab: Path, tmp: Path, extra: list[str] | None = None
+) -> list[str]:
     return [
         "--server", f"127.0.0.1:{port}", "--source", source, "--vocab", str(vocab), "--inner-steps", "3",
         "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--state-dir", str(tmp / f"w-{source}"),
         "--device", os.environ.get("DEPT_TEST_DEVICE", "cpu"),  # cuda on a GPU host: replicas must still match
+        *(extra or []),
     ]  # fmt: skip
 
 
@@ -38,15 +54,14 @@ def run_variant(variant: str, vocabs: dict[str, Path], tmp: Path) -> list[dict]:
     server = Server(server_args(variant, vocabs["global"], tmp, extra=extra), tmp / "server.log")
     # spec-opt: each worker brings a tokenizer trained on its own source
     vocab_of = {s: vocabs[s] if variant == "spec-opt" else vocabs["global"] for s in SOURCES}
-    workers = [start_worker(worker_args(server.port, s, vocab_of[s], tmp), tmp / f"{s}.log") for s in SOURCES]
-    for w in workers:
-        assert w.wait(timeout=240) == 0, (tmp / "sw.log").read_text()[-3000:]
+    workers = {s: start_worker(worker_args(server.port, s, vocab_of[s], tmp), tmp / f"{s}.log") for s in SOURCES}
+    wait_workers(workers, RUN_S)
     # The same figures are served in Prometheus text format (the server lingers for a final scrape).
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert "dept_round_up_payload_bytes" in text and 'source="sw"' in text, text[:2000]
     server.proc.send_signal(signal.SIGTERM)  # ends the linger: a clean stop, exit 0
-    assert server.wait() == 0, server.log.read_text()[-3000:]
+    assert server.wait(EXIT_S) == 0, server.log.read_text()[-3000:]
     return records(tmp / "metrics.jsonl")
 
 
@@ -59,10 +74,24 @@ def check_digests(recs: list[dict], tmp: Path) -> None:
     assert [r["round"] for r in rounds] == [0, 1]
     for source in SOURCES:
         digests = worker_digests(tmp / f"w-{source}")
+        verified = replica_digests(tmp / f"w-{source}")
         for r in rounds:  # round r closed at body version r + 1, which every worker pulled after
             assert digests[r["round"] + 1] == r["body_digest"], f"{source} diverged at round {r['round']}"
+            # Every shared tensor, not only the body: GLOB's matrix, TRIM's rows as the server holds them.
+            want = r["replica_digests"][source] if r["variant"] == "trim" else r["digest"]
+            assert verified[r["round"] + 1] == want, f"{source}'s shared state diverged at round {r['round']}"
+        # A pull that failed its digest and fell back to a full pull means a replica diverged.
+        log = (tmp / f"{source}.log").read_text()
+        assert "did not verify" not in log, log[-3000:]
 
 
+def replica_digests(state_dir: Path) -> dict[int, str]:
+    """Each pulled version's digest over the worker's whole shared state, as it verified it."""
+    rows = [json.loads(line) for line in (state_dir / "digests.jsonl").read_text().splitlines()]
+    return {int(row["version"]): row["digest"] for row in rows}
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 @pytest.mark.parametrize("variant", ["glob", "trim", "spec", "spec-opt"])
 def test_two_workers_two_rounds(variant: str, vocabs: dict[str, Path], tmp_path: Path) -> None:
     recs = run_variant(variant, vocabs, tmp_path)
