@@ -12,17 +12,19 @@ import click
 
 from dept_comm.errors import InvalidInputError
 
-from .report_plots import BYTE_FIELDS, has_bytes, human_bytes, is_final, number, render_plots
+from .report_plots import BYTE_FIELDS, human_bytes, is_final, number, render_plots
 
 logger = logging.getLogger(__name__)
 
 MISSING = "–"
 REPORT_NAME = "report.md"
+# Keys of the ``ratios`` object dept-server writes on every round line
+# (dept_comm.accounting.RoundMetrics.ratios), with their column headers.
 _RATIO_FIELDS = (
-    ("ratio_up_vs_full_fp32", "Up / full fp32"),
-    ("ratio_down_vs_full_fp32", "Down / full fp32"),
-    ("ratio_up_vs_uncompressed", "Up / uncompressed"),
-    ("ratio_down_vs_uncompressed", "Down / uncompressed"),
+    ("up_vs_full_model", "Up / full fp32"),
+    ("down_vs_full_model", "Down / full fp32"),
+    ("up_vs_uncompressed", "Up / uncompressed"),
+    ("down_vs_uncompressed", "Down / uncompressed"),
 )
 _BYTE_HEADERS = ("Up payload", "Down payload", "Up raw", "Down raw")
 
@@ -84,8 +86,9 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _round_label(record: Mapping[str, Any]) -> str:
-    return f"{record['round']} (final)" if is_final(record) else str(record["round"])
+def _ratio(record: Mapping[str, Any], key: str) -> float | None:
+    """One of the round's payload ratios, from the ``ratios`` object the server writes."""
+    return number(record.get("ratios"), key)
 
 
 def _workers(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -115,49 +118,79 @@ def _payload_over_raw(records: Sequence[Mapping[str, Any]], direction: str) -> s
     return MISSING if not raw_total else f"{sum(p for p, _ in both) / raw_total:.3g}"
 
 
-def _totals_section(byte_records: Sequence[Mapping[str, Any]]) -> list[str]:
-    durations = [v for v in (number(r, "duration_s") for r in byte_records) if v is not None]
-    rows = [
-        [
-            "Payload bytes",
-            _sum_cell(byte_records, "up_payload_bytes"),
-            _sum_cell(byte_records, "down_payload_bytes"),
-        ],
-        ["Raw bytes", _sum_cell(byte_records, "up_raw_bytes"), _sum_cell(byte_records, "down_raw_bytes")],
-        ["Payload / raw", _payload_over_raw(byte_records, "up"), _payload_over_raw(byte_records, "down")],
+def _byte_rows(records: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Payload bytes, raw bytes and their ratio, up and down, summed over ``records``."""
+    return [
+        ["Payload bytes", _sum_cell(records, "up_payload_bytes"), _sum_cell(records, "down_payload_bytes")],
+        ["Raw bytes", _sum_cell(records, "up_raw_bytes"), _sum_cell(records, "down_raw_bytes")],
+        ["Payload / raw", _payload_over_raw(records, "up"), _payload_over_raw(records, "down")],
     ]
-    summary = f"Rounds: {len(byte_records)}"
+
+
+def _totals_section(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    durations = [v for v in (number(r, "duration_s") for r in rounds) if v is not None]
+    summary = f"Rounds: {len(rounds)}"
     if durations:
         summary += f"; duration: {sum(durations):.1f} s total, {sum(durations) / len(durations):.1f} s mean"
-    return ["## Totals", "", summary, "", *_table(["", "Up", "Down"], rows), ""]
+    return ["## Totals", "", summary, "", *_table(["", "Up", "Down"], _byte_rows(rounds)), ""]
 
 
-def _bytes_section(byte_records: Sequence[Mapping[str, Any]]) -> list[str]:
+def _final_pull_section(
+    finals: Sequence[Mapping[str, Any]], rounds: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """The pulls of the final body that workers make after the last round to evaluate it.
+
+    dept-server writes them on its final line (``"kind": "final"``): they belong to no round, so
+    they are shown here and not as a round whose upload fell to zero.
+    """
+    if not finals:
+        return []
+    final = finals[-1]
+    after = f"after round {max(int(r['round']) for r in rounds)}" if rounds else "after the last round"
+    lines = [
+        "## Final pull",
+        "",
+        f"Workers pulled the final body {after} to evaluate it (the server's final line, not a round).",
+        "",
+        *_table(["", "Up", "Down"], _byte_rows([final])),
+        "",
+    ]
+    whole = {d: [number(r, f"{d}_payload_bytes") for r in (*rounds, final)] for d in ("up", "down")}
+    if all(v is not None for values in whole.values() for v in values):
+        up, down = (sum(v or 0.0 for v in whole[d]) for d in ("up", "down"))
+        lines += [
+            f"Whole run, rounds plus final pull: {_bytes_cell(up)} up, {_bytes_cell(down)} down (payload).",
+            "",
+        ]
+    return lines
+
+
+def _bytes_section(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
     headers = ["Round", "Workers", *_BYTE_HEADERS, *(label for _, label in _RATIO_FIELDS), "Duration (s)"]
     rows = [
         [
-            _round_label(r),
+            str(r["round"]),
             _num_workers(r),
             *(_bytes_cell(number(r, key)) for key in BYTE_FIELDS),
-            *(_fmt(number(r, key), ".3g") for key, _ in _RATIO_FIELDS),
+            *(_fmt(_ratio(r, key), ".3g") for key, _ in _RATIO_FIELDS),
             _fmt(number(r, "duration_s"), ".1f"),
         ]
-        for r in byte_records
+        for r in rounds
     ]
     body = _table(headers, rows) if rows else ["No rounds recorded."]
     return ["## Bytes per round", "", "Summed over the round's workers.", "", *body, ""]
 
 
-def _workers_section(byte_records: Sequence[Mapping[str, Any]]) -> list[str]:
+def _workers_section(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = [
         [
-            _round_label(r),
+            str(r["round"]),
             str(w.get("worker_id", MISSING)),
             str(w.get("source", MISSING)),
             *(_bytes_cell(number(w, key)) for key in BYTE_FIELDS),
             _fmt(number(w, "train_loss"), ".4f"),
         ]
-        for r in byte_records
+        for r in rounds
         for w in _workers(r)
     ]
     headers = ["Round", "Worker", "Source", *_BYTE_HEADERS, "Train loss"]
@@ -202,18 +235,20 @@ def _perplexity_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
 def render_markdown(
     records: Sequence[Mapping[str, Any]], *, images: Sequence[str] = (), title: str = "DEPT run report"
 ) -> str:
-    """Render the report: totals, bytes per round, bytes per worker, perplexity, plots.
+    """Render the report: totals, bytes per round, bytes per worker, final pull, perplexity, plots.
 
     Args:
         records: Metrics records as returned by ``load_records``; every field but ``round`` optional.
+            A record with ``"kind": "final"`` is the run's final pull and evaluation, not a round.
         images: Relative links of PNGs to embed under "Plots".
         title: Top-level heading.
 
     Returns:
         The Markdown text.
     """
-    # Final-evaluation lines usually carry no bytes; count them only when they do.
-    byte_records = [r for r in records if not is_final(r) or has_bytes(r)]
+    # The final line (the final pull and evaluation) is no round: it gets its own section.
+    rounds = [r for r in records if not is_final(r)]
+    finals = [r for r in records if is_final(r)]
     variants = sorted({str(r["variant"]) for r in records if "variant" in r})
     lines = [f"# {title}", "", f"Variant: {', '.join(variants) or MISSING}", ""]
     sections: tuple[Callable[[Sequence[Mapping[str, Any]]], list[str]], ...] = (
@@ -222,7 +257,8 @@ def render_markdown(
         _workers_section,
     )
     for section in sections:
-        lines += section(byte_records)
+        lines += section(rounds)
+    lines += _final_pull_section(finals, rounds)
     lines += _perplexity_section(records)
     if images:
         lines += ["## Plots", ""]

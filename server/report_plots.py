@@ -40,29 +40,32 @@ def is_final(record: Mapping[str, Any]) -> bool:
     return record.get("kind") == "final"
 
 
-def has_bytes(record: Mapping[str, Any]) -> bool:
-    """Whether any of the four byte counters is present and non-zero."""
-    return any(number(record, key) for key in BYTE_FIELDS)
-
-
 def _wide_range(values: Sequence[float]) -> bool:
     positive = [v for v in values if v > 0]
     return len(positive) >= 2 and max(positive) / min(positive) > _LOG_SCALE_SPREAD
 
 
-def _plot_bytes(records: Sequence[Mapping[str, Any]], path: Path) -> bool:
+def _plot_bytes(all_records: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Bytes of each round, up and down; the final pull (the final line) as its own marker."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    records = sorted(records, key=lambda r: int(r["round"]))
+    records = sorted((r for r in all_records if not is_final(r)), key=lambda r: int(r["round"]))
+    finals = [r for r in all_records if is_final(r)]
     rounds = [int(r["round"]) for r in records]
     series = {
         (direction, kind): [number(r, f"{direction}_{kind}_bytes") for r in records]
         for direction in ("up", "down")
         for kind in ("payload", "raw")
     }
+    final_pull = {
+        direction: (int(finals[-1]["round"]), value)
+        for direction in ("up", "down")
+        if finals and (value := number(finals[-1], f"{direction}_payload_bytes"))
+    }
     present = [v for values in series.values() for v in values if v is not None]
+    present += [v for _, v in final_pull.values()]
     if not present:
         logger.info("plot_skipped plot=%s reason=no_byte_fields", path.name)
         return False
@@ -73,6 +76,8 @@ def _plot_bytes(records: Sequence[Mapping[str, Any]], path: Path) -> bool:
         for kind, style in (("payload", "-o"), ("raw", "--s")):
             ys = [math.nan if v is None else v for v in series[(direction, kind)]]
             ax.plot(rounds, ys, style, label=f"{kind} bytes", markersize=4)
+        if direction in final_pull:  # after the last round: a pull to evaluate, not a round
+            ax.plot(*final_pull[direction], "*", color="grey", markersize=12, label="final pull (payload)")
         ax.set_title(f"{direction}load (all workers)")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -143,8 +148,8 @@ def _plot_perplexity(records: Sequence[Mapping[str, Any]], path: Path) -> bool:
 def render_plots(records: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
     """Draw ``bytes_per_round.png`` and ``perplexity.png`` into ``out_dir``.
 
-    A plot with no data is skipped with a logged note. Final-evaluation records feed only the
-    perplexity plot unless they carry non-zero bytes.
+    A plot with no data is skipped with a logged note. The final line (``"kind": "final"``) is
+    no round: its pull is drawn as one marker after the rounds, its evaluation as the final point.
 
     Args:
         records: Metrics records as returned by ``load_records``.
@@ -154,10 +159,9 @@ def render_plots(records: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Pa
         Paths of the PNGs written, in the order above.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    byte_records = [r for r in records if not is_final(r) or has_bytes(r)]
     written: list[Path] = []
-    for name, plot, subset in ((BYTES_PNG, _plot_bytes, byte_records), (PPL_PNG, _plot_perplexity, records)):
+    for name, plot in ((BYTES_PNG, _plot_bytes), (PPL_PNG, _plot_perplexity)):
         path = out_dir / name
-        if plot(subset, path):
+        if plot(records, path):
             written.append(path)
     return written
