@@ -1,4 +1,10 @@
-"""Fixtures for end-to-end runs: a small global tokenizer built once from the embedded corpus."""
+"""Fixtures for end-to-end runs: a small global tokenizer built once from the embedded corpus.
+
+Every test here is ``slow`` (skipped by ``scripts/check.sh --fast``). Each carries its own
+``pytest.mark.timeout`` above the sum of the harness waits it can make; one that does not gets
+``DEFAULT_TIMEOUT_S``, which is above any single run of the harness's default waits, so the
+harness's diagnosis, not a bare pytest-timeout, reports a hang.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,20 @@ from pathlib import Path
 import pytest
 
 from dept_model.tokenizer import build_tokenizers
-from tests.e2e.harness import kill_leftovers
+from tests.e2e.harness import EXIT_S, MARGIN_S, RUN_S, START_S, kill_leftovers
 
 SOURCES = ["sw", "en"]
+DEFAULT_TIMEOUT_S = START_S + RUN_S + EXIT_S + MARGIN_S
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE not in item.path.parents:
+            continue
+        item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT_S))
 
 
 @pytest.fixture(autouse=True)

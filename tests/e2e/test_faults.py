@@ -9,12 +9,27 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import SOURCES
-from tests.e2e.harness import Server, records, start_worker, wait_for, worker_digests
+from tests.e2e.harness import (
+    EXIT_S,
+    MARGIN_S,
+    RUN_S,
+    START_S,
+    Server,
+    describe,
+    records,
+    start_worker,
+    wait_for,
+    wait_port_free,
+    wait_workers,
+    worker_digests,
+)
 from tests.e2e.test_rounds import server_args, worker_args
 
 pytestmark = pytest.mark.slow
+PORT_S = 30.0  # a SIGKILLed server's port is bindable again
 
 
+@pytest.mark.timeout(START_S + 2 * RUN_S + EXIT_S + MARGIN_S)
 def test_worker_killed_and_restarted_continues(global_vocab: Path, tmp_path: Path) -> None:
     # Four rounds: the kill must land before the victim's last commit, or its restart has no round
     # left to train (a kill between that commit and its progress save left it at round 2 of 3 once
@@ -24,14 +39,15 @@ def test_worker_killed_and_restarted_continues(global_vocab: Path, tmp_path: Pat
     workers = {s: start_worker(args[s], tmp_path / f"{s}.log") for s in SOURCES}
     victim = SOURCES[0]
     progress = tmp_path / f"w-{victim}" / "progress.json"
-    wait_for(progress.exists, 180, "the victim's first committed round")
+    wait_for(
+        progress.exists, RUN_S, "the victim's first committed round", alive=[server.proc, workers[victim]]
+    )
     saved_round = json.loads(progress.read_text())["round_idx"]
     workers[victim].send_signal(signal.SIGKILL)
     workers[victim].wait()
     workers[victim] = start_worker(args[victim], tmp_path / f"{victim}.log")
-    for s, w in workers.items():
-        assert w.wait(timeout=300) == 0, (tmp_path / f"{s}.log").read_text()[-3000:]
-    assert server.wait() == 0, server.log.read_text()[-3000:]
+    wait_workers(workers, RUN_S)
+    assert server.wait(EXIT_S) == 0, describe()
     recs = [r for r in records(tmp_path / "metrics.jsonl") if r.get("kind") != "final"]
     summary = [(r["round"], r["num_workers"]) for r in recs]
     assert [r["round"] for r in recs] == [0, 1, 2, 3], summary
@@ -44,6 +60,7 @@ def test_worker_killed_and_restarted_continues(global_vocab: Path, tmp_path: Pat
     assert digests[4] == recs[-1]["body_digest"]
 
 
+@pytest.mark.timeout(2 * START_S + PORT_S + 2 * RUN_S + EXIT_S + MARGIN_S)
 def test_server_killed_and_resumed_loses_no_round(global_vocab: Path, tmp_path: Path) -> None:
     args = server_args("spec", global_vocab, tmp_path, rounds=3)
     server = Server(args, tmp_path / "server.log")
@@ -52,15 +69,15 @@ def test_server_killed_and_resumed_loses_no_round(global_vocab: Path, tmp_path: 
         s: start_worker(worker_args(port, s, global_vocab, tmp_path), tmp_path / f"{s}.log") for s in SOURCES
     }
     metrics = tmp_path / "metrics.jsonl"
-    wait_for(lambda: len(records(metrics)) >= 1, 180, "round 0 to close")
+    wait_for(lambda: len(records(metrics)) >= 1, RUN_S, "round 0 to close", alive=[server.proc])
     server.kill()
-    resumed_args = [
-        a if a != "0" or i == 0 or args[i - 1] != "--port" else str(port) for i, a in enumerate(args)
-    ]
-    server = Server([*resumed_args, "--resume"], tmp_path / "server.log")
-    for s, w in workers.items():
-        assert w.wait(timeout=300) == 0, (tmp_path / f"{s}.log").read_text()[-3000:]
-    assert server.wait() == 0, server.log.read_text()[-3000:]
+    # The workers keep the address, so the new server takes the same port once it can be bound.
+    wait_port_free(port, PORT_S)
+    resumed_args = [*args, "--resume"]
+    resumed_args[resumed_args.index("--port") + 1] = str(port)
+    server = Server(resumed_args, tmp_path / "server.log")
+    wait_workers(workers, RUN_S)
+    assert server.wait(EXIT_S) == 0, describe()
     recs = [r for r in records(metrics) if r.get("kind") != "final"]
     assert [r["round"] for r in recs] == [0, 1, 2], "no round lost or applied twice"
     check_digests_all(recs, tmp_path)

@@ -38,9 +38,7 @@ def server_args(
     ]  # fmt: skip
 
 
-def worker_args(
-    port: int, source: str, vocab: Path, tmp: Path, extra: list[str] | None = None
-) -> list[str]:
+def worker_args(port: int, source: str, vocab: Path, tmp: Path, extra: list[str] | None = None) -> list[str]:
     return [
         "--server", f"127.0.0.1:{port}", "--source", source, "--vocab", str(vocab), "--inner-steps", "3",
         "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--state-dir", str(tmp / f"w-{source}"),
@@ -54,7 +52,9 @@ def run_variant(variant: str, vocabs: dict[str, Path], tmp: Path) -> list[dict]:
     server = Server(server_args(variant, vocabs["global"], tmp, extra=extra), tmp / "server.log")
     # spec-opt: each worker brings a tokenizer trained on its own source
     vocab_of = {s: vocabs[s] if variant == "spec-opt" else vocabs["global"] for s in SOURCES}
-    workers = {s: start_worker(worker_args(server.port, s, vocab_of[s], tmp), tmp / f"{s}.log") for s in SOURCES}
+    workers = {
+        s: start_worker(worker_args(server.port, s, vocab_of[s], tmp), tmp / f"{s}.log") for s in SOURCES
+    }
     wait_workers(workers, RUN_S)
     # The same figures are served in Prometheus text format (the server lingers for a final scrape).
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
