@@ -12,6 +12,7 @@ from dept_comm.memory import keep_freed_memory
 
 from .config import WorkerConfig
 from .loop import run
+from .signals import run_until_signalled
 
 PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
 
@@ -49,7 +50,13 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 )
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
 def main(**options: object) -> None:
-    """Train one data source and exchange body updates with dept-server."""
+    """Train one data source and exchange body updates with dept-server.
+
+    Exit status: 0 once the run finished (final evaluation reported); on SIGTERM or SIGINT the
+    round in flight is dropped uncommitted (an upload still streaming is cancelled), the worker
+    sends Leave (reason "terminated") and exits with 128 + the signal number: 143 for SIGTERM,
+    130 for SIGINT. A second signal while it leaves ends it at once.
+    """
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -60,7 +67,7 @@ def main(**options: object) -> None:
         config.channel_credentials()  # unreadable or non-PEM files: a usage error now, not at connect
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    sys.exit(run(config))
+    sys.exit(run_until_signalled(config, run))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.faults.proxy import ByteCount, TcpProxy
 
 # Deadlines (seconds) of the harness's waits; a test's timeout mark must exceed the sum it uses.
 START_S = 60.0  # a server prints its port (imports torch and builds the model first)
@@ -257,3 +260,35 @@ def worker_digests(state_dir: Path) -> dict[int, str]:
         row = json.loads(line)
         out[int(row["version"])] = row["body_digest"]
     return out
+
+
+class ThrottledCount(ByteCount):
+    """A proxy's byte counter that lets each connection's client-to-server bytes through at
+    ``up_bytes_per_s`` at most.
+
+    The proxy counts each piece it read before forwarding it; blocking here until the piece's
+    turn comes holds the forwarding back, so an upload streams no faster than this rate. Each
+    connection is pumped by its own thread, which keys its own budget: a new connection (a
+    Leave on a fresh channel, say) does not queue behind a throttled upload.
+    """
+
+    def __init__(self, up_bytes_per_s: float) -> None:
+        super().__init__()
+        self.rate = up_bytes_per_s
+        self._next: dict[int, float] = {}
+
+    def add(self, direction: str, n: int) -> None:
+        if direction == "up":
+            now = time.monotonic()
+            start = max(self._next.get(threading.get_ident(), now), now)
+            self._next[threading.get_ident()] = start + n / self.rate
+            if start > now:
+                time.sleep(start - now)
+        super().add(direction, n)
+
+
+def throttled_proxy(target_port: int, up_bytes_per_s: float) -> TcpProxy:
+    """A TcpProxy to 127.0.0.1:``target_port`` whose up direction runs at ``up_bytes_per_s``."""
+    proxy = TcpProxy("127.0.0.1", target_port)
+    proxy.counts = ThrottledCount(up_bytes_per_s)
+    return proxy

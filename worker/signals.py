@@ -1,0 +1,108 @@
+"""dept-worker on SIGTERM/SIGINT: drop the round in flight, tell the server it leaves, exit 128 + signal.
+
+The handler raises ``Terminated`` in the main thread, wherever it is (training, a pull, a push
+waiting on its stream). Unwinding leaves the round loop (its heartbeat thread stops) and closes
+the gRPC channel, which cancels an upload still streaming; nothing is committed, so the server
+counts nothing from it. A fresh, short-lived channel then sends ``Leave`` (reason
+``terminated``): the server drops the worker's open upload and stops waiting for it in the
+round. The exit status is 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell
+reports a process killed by that signal: the worker did not finish its run.
+
+A second signal while leaving takes its default action (the process ends at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from dept_comm.pb import service_pb2
+from dept_comm.rounds import worker_id_for
+
+from .client import ServerClient
+from .config import WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LEAVE_TIMEOUT_S = 5.0  # a terminated worker does not wait a full RPC timeout to say goodbye
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by a stop signal (a BaseException: no ``except Exception`` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    for sig in STOP_SIGNALS:  # the next one ends the process at once
+        signal.signal(sig, signal.SIG_DFL)
+    raise Terminated(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise ``Terminated``.
+
+    The old handlers come back when the block ends normally or by another exception; after a
+    ``Terminated`` the default actions stay, so a second signal while leaving ends the process.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    except Terminated:
+        raise
+    except BaseException:
+        _restore(previous)
+        raise
+    _restore(previous)
+
+
+def _restore(handlers: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def leave_terminated(config: WorkerConfig) -> None:
+    """Send Leave(reason="terminated") for this worker on a new channel; failures are logged.
+
+    The worker id is the server's stable id of the worker name, so this works whether or not the
+    join completed before the signal (the server answers an unknown id with NOT_FOUND, logged).
+    """
+    client = ServerClient(
+        config.server,
+        token=config.token,
+        timeout_s=LEAVE_TIMEOUT_S,
+        retry_attempts=1,
+        credentials=config.channel_credentials(),
+        server_name=config.tls_server_name,
+    )
+    try:
+        client.leave(
+            service_pb2.LeaveRequest(worker_id=worker_id_for(config.worker_name), reason="terminated")
+        )
+    finally:
+        client.close()
+
+
+def run_until_signalled(config: WorkerConfig, run: Callable[[WorkerConfig], int]) -> int:
+    """``run(config)``'s exit status, or 128 + signal after a SIGTERM/SIGINT stopped it and it left."""
+    try:
+        with stop_on_signals():
+            return run(config)
+    except Terminated as stop:
+        logger.warning("%s: leaving the run without committing the round in flight", stop)
+        leave_terminated(config)
+        logger.info("left the run (reason=terminated); exit status %d", stop.exit_code)
+        return stop.exit_code
