@@ -1,16 +1,25 @@
-"""A real dept-server in this process, and a worker's first steps against it, for integration tests."""
+"""A real dept-server in this process, and a worker's first steps against it, for integration tests.
+
+Uploads are encoded as dept-worker encodes them (worker/loop.py ``_encode_update``): every float
+tensor with the server's ``codec_up`` through one :class:`ErrorFeedback` per worker, ``emb.ids``
+raw. :func:`worker_upload` also returns what the server will decode, so tests can check the
+server's result against it (a server that fell back to another codec would not match).
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dept_comm.codecs import get_codec
-from dept_comm.frames import StreamItem
+from dept_comm.codecs import Codec, get_codec
+from dept_comm.codecs.feedback import ErrorFeedback
+from dept_comm.frames import StreamItem, as_message
+from dept_comm.names import EMB_IDS, group_of
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
@@ -32,33 +41,109 @@ def serving(tmp_path: Path, **overrides: object) -> Iterator[RunningServer]:
         server.stop(None)
 
 
-def join_and_pull(
-    client: ServerClient, source: str = "sw"
-) -> tuple[str, StreamOpenInfo, dict[str, torch.Tensor]]:
-    """Join as ``source`` and pull the whole body: (worker id, the pull's open info, the body)."""
-    worker_id = client.join(service_pb2.JoinRequest(source_id=source, worker_name=source)).worker_id
-    pulled = client.pull(service_pb2.PullRequest(worker_id=worker_id, full=True))
+@dataclass
+class Joined:
+    """A worker that joined and pulled: its id, the join reply, the pull's open info and the body."""
+
+    worker_id: str
+    reply: service_pb2.JoinReply
+    info: StreamOpenInfo
+    body: dict[str, torch.Tensor]
+
+    def sender(self) -> WorkerSender:
+        """An encoder of this worker's uploads (one error-feedback state, as a worker keeps)."""
+        return WorkerSender(self.worker_id, self.reply.codec_up)
+
+
+def join_and_pull(client: ServerClient, source: str = "sw") -> Joined:
+    """Join as ``source`` and pull the whole body."""
+    reply = client.join(service_pb2.JoinRequest(source_id=source, worker_name=source))
+    pulled = client.pull(service_pb2.PullRequest(worker_id=reply.worker_id, full=True))
     info, body = receive_stream(pulled, limits=PULL_LIMITS)
-    return worker_id, info, body
+    return Joined(reply.worker_id, reply, info, body)
 
 
-def delta_upload(
-    worker_id: str,
-    info: StreamOpenInfo,
-    body: dict[str, torch.Tensor],
-    *,
-    chunk_bytes: int,
-    value: float = 0.01,
-) -> list[StreamItem]:
-    """An fp32 update of ``value`` everywhere for round 0, from the pulled state, in small chunks."""
-    open_info = StreamOpenInfo(
-        upload_id=f"u-{uuid.uuid4().hex}",
-        sender_id=worker_id,
-        round_idx=0,
-        base_version=info.target_version,
-        base_digest=info.target_digest,
-        is_delta=True,
+def random_delta(body: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """Random normal deltas (which no lossy codec encodes exactly) for every float tensor of the
+    body; integer tensors (``emb.ids``) are sent as they are, as a worker sends its row ids."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=gen) * scale if v.is_floating_point() else v.clone()
+        for k, v in body.items()
+    }
+
+
+@dataclass
+class Upload:
+    """An encoded upload (open, chunks, commit last) and the values the server decodes from it."""
+
+    messages: list[StreamItem]
+    decoded: dict[str, torch.Tensor]
+
+    @property
+    def upload_id(self) -> str:
+        return as_message(self.messages[0]).open.upload_id
+
+    def commit_request(self, worker_id: str, round_idx: int) -> service_pb2.CommitUpdateRequest:
+        return service_pb2.CommitUpdateRequest(
+            commit=as_message(self.messages[-1]).commit, worker_id=worker_id, round_idx=round_idx
+        )
+
+
+class WorkerSender:
+    """Encodes uploads like dept-worker: ``codec_up`` with error feedback, ``emb.ids`` raw."""
+
+    def __init__(self, worker_id: str, codec_up: str) -> None:
+        self.worker_id = worker_id
+        self.codec: Codec = get_codec(codec_up)
+        self.raw: Codec = get_codec("raw")
+        self.feedback = ErrorFeedback(self.codec)
+
+    def upload(
+        self,
+        delta: dict[str, torch.Tensor],
+        *,
+        info: StreamOpenInfo,
+        round_idx: int = 0,
+        chunk_bytes: int = 1 << 20,
+    ) -> Upload:
+        """Encode ``delta`` as the update for ``round_idx``, trained from the pull ``info`` describes."""
+        open_info = StreamOpenInfo(
+            upload_id=f"u-{uuid.uuid4().hex}",
+            sender_id=self.worker_id,
+            round_idx=round_idx,
+            base_version=info.target_version,
+            base_digest=info.target_digest,
+            is_delta=True,
+        )
+        decoded: dict[str, torch.Tensor] = {}
+
+        def codec_for(name: str, t: torch.Tensor) -> Codec:
+            return self.raw if name == EMB_IDS else self.codec
+
+        def encoder(name: str, t: torch.Tensor, codec: Codec) -> bytes:
+            if codec is not self.codec:
+                decoded[name] = t.clone()
+                return codec.encode(t)
+            payload, values = self.feedback.encode_with_decoded(name, t)
+            decoded[name] = values.clone()
+            return payload
+
+        messages = list(
+            encode_stream(
+                delta,
+                open_info=open_info,
+                codec=codec_for,
+                groups={k: group_of(k) for k in delta},
+                config=StreamConfig(chunk_bytes=chunk_bytes),
+                encoder=encoder,
+            )
+        )
+        return Upload(messages, decoded)
+
+
+def worker_upload(joined: Joined, *, seed: int = 0, chunk_bytes: int = 1 << 20, round_idx: int = 0) -> Upload:
+    """A fresh worker's first upload: random normal deltas from the pulled body, as it sends them."""
+    return joined.sender().upload(
+        random_delta(joined.body, seed), info=joined.info, round_idx=round_idx, chunk_bytes=chunk_bytes
     )
-    delta = {k: torch.full_like(v, value) for k, v in body.items()}
-    config = StreamConfig(chunk_bytes=chunk_bytes)
-    return list(encode_stream(delta, open_info=open_info, codec=get_codec("fp32"), config=config))

@@ -10,10 +10,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dept_comm.errors import NotFoundError
+from dept_comm.frames import as_message
 from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
 from dept_comm.service import SERVICE_NAME
 from dept_server.config import ServerConfig
 from dept_server.run import RunningServer, start_server
+from dept_worker.client import ServerClient
+from tests.e2e.harness import wait_for
+from tests.integration.servers import join_and_pull, worker_upload
 
 TOKEN = "s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -71,39 +76,65 @@ def test_health_answers_without_a_token_and_nothing_else_does(channel: grpc.Chan
     )
 
 
-def held_open(release: threading.Event) -> Iterator[tensor_pb2.StreamMessage]:
-    """A push stream that sends nothing until ``release``: its handler holds an RPC thread meanwhile."""
-    release.wait(30)
-    yield from ()
+def held_open(
+    items: list[tensor_pb2.StreamMessage], release: threading.Event
+) -> Iterator[tensor_pb2.StreamMessage]:
+    """An upload's first messages, then nothing until ``release``: its handler holds an RPC thread."""
+    yield from items
+    release.wait(60)
 
 
 def test_health_answers_while_every_rpc_thread_is_busy() -> None:
-    server = start(max_workers_threads=2)
+    server = start(max_workers_threads=2, workers=2)
     release = threading.Event()
+    client = ServerClient(f"127.0.0.1:{server.port}", token=TOKEN, timeout_s=10)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = service_pb2_grpc.ParameterServerStub(channel)
-            worker_id = stub.Join(
-                service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=10
-            ).worker_id
-            pushes = [stub.PushUpdate.future(held_open(release), metadata=AUTH, timeout=30) for _ in range(2)]
-            beat = service_pb2.HeartbeatRequest(worker_id=worker_id)
-            for _ in range(20):  # until both pushes hold both RPC threads
-                try:
-                    stub.Heartbeat(beat, metadata=AUTH, timeout=0.5)
-                except grpc.RpcError as err:
-                    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        break
-                    raise
-            else:
-                pytest.fail("the held pushes never filled the RPC pool")
-            assert check(channel, "", timeout=5) == SERVING
-            assert check(channel, SERVICE_NAME, timeout=5) == SERVING
-            release.set()
-            for push in pushes:  # an empty push is refused; what matters is that it ended
-                assert push.exception(timeout=10) is not None
+        # Two workers (a worker's second upload would supersede its first), each pushing the
+        # open and first chunk of a real upload, then holding the stream open.
+        uploads = {}
+        for source in ("sw", "en"):
+            joined = join_and_pull(client, source)
+            uploads[joined.worker_id] = [
+                as_message(m) for m in worker_upload(joined, chunk_bytes=4 << 10).messages[:2]
+            ]
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        stub = service_pb2_grpc.ParameterServerStub(channel)
+        pushes = [
+            stub.PushUpdate.future(held_open(items, release), metadata=AUTH, timeout=60)
+            for items in uploads.values()
+        ]
+
+        def both_held() -> bool:  # the server staged both chunks: each handler waits for more
+            try:
+                return all(
+                    server.app.query_upload(
+                        service_pb2.QueryUploadRequest(
+                            worker_id=w, upload_id=as_message(items[0]).open.upload_id
+                        )
+                    ).num_chunks
+                    == 1
+                    for w, items in uploads.items()
+                )
+            except NotFoundError:
+                return False
+
+        wait_for(both_held, 30, "both held pushes to be inside the server's push handler")
+        # The pool is full: a further call queues behind the held pushes and runs out of time...
+        beat = service_pb2.HeartbeatRequest(worker_id=next(iter(uploads)))
+        with pytest.raises(grpc.RpcError) as queued:
+            stub.Heartbeat(beat, metadata=AUTH, timeout=2)
+        assert queued.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # ...while health, on its own threads, still answers.
+        assert check(channel, "", timeout=10) == SERVING
+        assert check(channel, SERVICE_NAME, timeout=10) == SERVING
+        release.set()
+        for push in pushes:  # the stream ends after one chunk: a receipt for what it holds
+            assert push.result(timeout=30).num_chunks == 1
+        assert stub.Heartbeat(beat, metadata=AUTH, timeout=10).round.round_idx == 0  # threads free again
+        channel.close()
     finally:
         release.set()
+        client.close()
         server.stop(0)
 
 

@@ -1,23 +1,29 @@
-"""A push cut by a connection reset resumes: only the chunks the server lacks go again."""
+"""A push cut by a connection reset resumes: only the chunks the server lacks go again.
+
+The upload is what a real worker sends (int8 with error feedback, from tests/integration/servers.py)
+of random normal deltas, and the server's new body is checked against the values it decodes.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
-from dept_comm.frames import ChunkFrame, StreamItem, as_message
+from dept_comm.codecs import get_codec
+from dept_comm.frames import ChunkFrame, StreamItem
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, receive_stream
 from dept_server.run import RunningServer
 from dept_worker.client import ServerClient
+from tests.e2e.harness import wait_for
 from tests.faults.proxy import TcpProxy
-from tests.integration.servers import delta_upload, join_and_pull, serving
+from tests.integration.servers import join_and_pull, random_delta, serving, worker_upload
 
-CHUNK_BYTES = 16 << 10  # many chunks from the tiny model's body
+CHUNK_BYTES = 4 << 10  # many chunks from the tiny model's int8 body (about 100 KB)
 
 
 @pytest.fixture
@@ -39,9 +45,7 @@ class CutOnce(list[StreamItem]):
         self.passes += 1
         for i, item in enumerate(super().__iter__()):
             if self.passes == 1 and i == self.at:
-                deadline = time.monotonic() + 30
-                while self.staged() == 0 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_for(lambda: self.staged() > 0, 30, "the server to stage part of the upload")
                 self.proxy.reset_all()
             yield item
 
@@ -50,9 +54,10 @@ def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, ca
     with TcpProxy("127.0.0.1", running.port) as proxy:
         client = ServerClient(proxy.address, timeout_s=20)
         try:
-            worker_id, info, body = join_and_pull(client)
-            messages = delta_upload(worker_id, info, body, chunk_bytes=CHUNK_BYTES)
-            upload, commit = messages[:-1], as_message(messages[-1]).commit
+            joined = join_and_pull(client)
+            sent_upload = worker_upload(joined, seed=11, chunk_bytes=CHUNK_BYTES)
+            assert joined.reply.codec_up == "int8"
+            upload = sent_upload.messages[:-1]
             chunks = [m for m in upload if isinstance(m, ChunkFrame)]
             assert len(chunks) >= 20
             upload_bytes = sum(m.ByteSize() for m in upload)
@@ -74,17 +79,23 @@ def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, ca
             assert sent < upload_bytes + (resending + 2) * (CHUNK_BYTES + 512)
             assert sent < 2 * upload_bytes
 
-            reply = client.commit(
-                service_pb2.CommitUpdateRequest(commit=commit, worker_id=worker_id, round_idx=0)
-            )
+            reply = client.commit(sent_upload.commit_request(joined.worker_id, round_idx=0))
             assert reply.accepted
             new_info, new_body = receive_stream(
-                client.pull(service_pb2.PullRequest(worker_id=worker_id, full=True)), limits=PULL_LIMITS
+                client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True)),
+                limits=PULL_LIMITS,
             )
             assert new_info.target_version == 1
-            # FedAvg of one worker, outer lr 1: the body moves by the update, as the int8 down-link
-            # carries it (the server applies what it sends, so replicas stay bit-exact).
-            moved = {k: float((new_body[k] - body[k] - 0.01).abs().max()) for k in body}
-            assert max(moved.values()) < 1e-4, moved
+            # FedAvg of one worker, outer lr 1: the update is what the server decoded from the int8
+            # upload, and the body moves by that update as the int8 down-link carries it (the
+            # server applies what it sends, so replicas stay bit-exact).
+            int8 = get_codec("int8")
+            for name, up in sent_upload.decoded.items():
+                down = int8.decode(int8.encode(up), tuple(up.shape), torch.float32)
+                assert torch.equal(new_body[name], joined.body[name] + down), name
+            # The deltas were random normal: int8 does not carry them exactly, so a server that
+            # took the payload for anything but int8 (or dropped the feedback) would not match.
+            raw = random_delta(joined.body, seed=11)
+            assert all(not torch.equal(sent_upload.decoded[n], raw[n]) for n in raw)
         finally:
             client.close()

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from dept_comm.errors import ConflictError, NotFoundError
-from dept_comm.frames import as_message
+from dept_comm.frames import StreamItem, as_message, chunk_of
 from dept_comm.pb import service_pb2
 from dept_server.run import RunningServer
 from dept_worker.client import ServerClient
-from tests.integration.servers import delta_upload, join_and_pull, serving
+from tests.e2e.harness import wait_for
+from tests.integration.servers import join_and_pull, random_delta, serving
 
-CHUNK_BYTES = 16 << 10
+CHUNK_BYTES = 4 << 10  # many chunks from the tiny model's int8 body (about 100 KB)
 
 
 @pytest.fixture
@@ -23,23 +23,20 @@ def running(tmp_path) -> Iterator[RunningServer]:
         yield server
 
 
-def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def staged_bytes(items: list[StreamItem]) -> int:
+    """The chunk payload bytes of ``items``: what the server stages for them."""
+    return sum(len(chunk.data) for chunk in (chunk_of(m) for m in items) if chunk is not None)
 
 
 def test_superseded_and_abandoned_uploads_are_freed(running: RunningServer) -> None:
     app = running.app
     client = ServerClient(f"127.0.0.1:{running.port}", timeout_s=20)
     try:
-        worker_id, info, body = join_and_pull(client)
+        joined = join_and_pull(client)
+        worker_id, sender = joined.worker_id, joined.sender()
         first, second = (
-            delta_upload(worker_id, info, body, chunk_bytes=CHUNK_BYTES),
-            delta_upload(worker_id, info, body, chunk_bytes=CHUNK_BYTES),
+            sender.upload(random_delta(joined.body, seed), info=joined.info, chunk_bytes=CHUNK_BYTES).messages
+            for seed in (1, 2)
         )
         half = len(first) // 2
 
@@ -49,7 +46,9 @@ def test_superseded_and_abandoned_uploads_are_freed(running: RunningServer) -> N
         assert staged_first > 0
 
         client.push(second[:half])  # a new upload id from the same worker supersedes the first
-        assert app.staged_upload_bytes == staged_first  # the first's bytes went, the second's came
+        # The first's bytes went, the second's came.
+        assert staged_first == staged_bytes(first[:half])
+        assert app.staged_upload_bytes == staged_bytes(second[:half])
         first_id = as_message(first[0]).open.upload_id
         with pytest.raises(NotFoundError):
             client.query_upload(worker_id, first_id)  # the superseded upload is gone
@@ -63,7 +62,7 @@ def test_superseded_and_abandoned_uploads_are_freed(running: RunningServer) -> N
             )
 
         client.leave(service_pb2.LeaveRequest(worker_id=worker_id, reason="test"))
-        assert _wait_for(lambda: app.staged_upload_bytes == 0), "the ticker frees a left worker's upload"
+        wait_for(lambda: app.staged_upload_bytes == 0, 30, "the ticker to free the left worker's upload")
     finally:
         client.close()
 
@@ -72,8 +71,11 @@ def test_second_upload_after_a_commit_is_refused_before_staging(running: Running
     app = running.app
     client = ServerClient(f"127.0.0.1:{running.port}", timeout_s=20)
     try:
-        worker_id, info, body = join_and_pull(client)
-        counted = delta_upload(worker_id, info, body, chunk_bytes=CHUNK_BYTES)
+        joined = join_and_pull(client)
+        worker_id, sender = joined.worker_id, joined.sender()
+        counted = sender.upload(
+            random_delta(joined.body, 1), info=joined.info, chunk_bytes=CHUNK_BYTES
+        ).messages
         client.push(counted[:-1])
         request = service_pb2.CommitUpdateRequest(
             commit=as_message(counted[-1]).commit, worker_id=worker_id, round_idx=0
@@ -81,7 +83,9 @@ def test_second_upload_after_a_commit_is_refused_before_staging(running: Running
         assert client.commit(request).accepted
         assert app.staged_upload_bytes == 0
 
-        again = delta_upload(worker_id, info, body, chunk_bytes=CHUNK_BYTES)
+        again = sender.upload(
+            random_delta(joined.body, 2), info=joined.info, chunk_bytes=CHUNK_BYTES
+        ).messages
         with pytest.raises(ConflictError, match="already committed"):
             client.push(again[:-1])
         assert app.staged_upload_bytes == 0
