@@ -1,4 +1,8 @@
-"""Tensor streams through a real loopback gRPC server: push, pull, metering, cuts, status mapping."""
+"""Tensor streams through a real loopback gRPC server: push, pull, metering, cuts, status mapping.
+
+Byte accounting is checked on dept-server's own servicer (server/servicer.py over ServerApp, started
+on port 0); the stream library's behaviour (interop, cuts, errors, retries) on a small servicer here.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from dept_comm.accounting import ByteMeter, metered
+from dept_comm.accounting import ByteMeter, metered, read_jsonl
 from dept_comm.channel import (
     BindError,
     abort_with,
@@ -35,7 +39,16 @@ from dept_comm.frames import ChunkFrame, as_message
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.service import ParameterServerStub, add_parameter_server
-from dept_comm.streaming import StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream, receive_stream
+from dept_comm.streaming import (
+    PULL_LIMITS,
+    StreamConfig,
+    StreamOpenInfo,
+    StreamReceiver,
+    encode_stream,
+    receive_stream,
+)
+from dept_worker.client import ServerClient
+from tests.integration.servers import Joined, serving, worker_upload
 
 TIMEOUT_S = 30
 
@@ -58,29 +71,28 @@ def _codec(name, x):
 
 
 class Servicer(service_pb2_grpc.ParameterServerServicer):
-    """Test adapter: stage uploads, keep committed ones, stream the body; records what it saw."""
+    """Test adapter for the stream library: stage uploads, keep committed ones, stream the body;
+    records what it saw. Metering is tested on the real servicer instead
+    (test_the_real_servers_meters_match_what_crossed_the_wire)."""
 
     def __init__(self, body):
         self.body = body
         self.manifest = manifest_of(body, GROUPS)
         self.committed = {}  # upload_id -> tensors
         self.outcomes = {}  # upload_id -> "committed" | error class name
-        self.meters = {}
         self.chunks_seen = threading.Semaphore(0)
         self.finished = threading.Event()
         self.calls = 0
 
     def PushUpdate(self, request_iterator, context):
-        meter = ByteMeter()
         rx = StreamReceiver(manifest=self.manifest)
         upload_id = "?"
         try:
             try:
-                for msg in metered(request_iterator, meter):
+                for msg in request_iterator:
                     rx.add(msg)
                     if rx.open_info is not None:
                         upload_id = rx.open_info.upload_id
-                        self.meters[upload_id] = meter
                     if isinstance(msg, ChunkFrame):
                         self.chunks_seen.release()
                 if not rx.committed:
@@ -100,10 +112,8 @@ class Servicer(service_pb2_grpc.ParameterServerServicer):
     def PullBody(self, request, context):
         if request.round_idx == 99:
             abort_with(context, StaleRoundError("round 99 is closed; current round is 3"))
-        meter = ByteMeter()
-        self.meters[f"pull-{request.worker_id}"] = meter
         info = StreamOpenInfo(upload_id=f"pull-{request.worker_id}", sender_id="server", target_version=4)
-        yield from metered(encode_stream(self.body, open_info=info, codec=_codec, groups=GROUPS), meter)
+        yield from encode_stream(self.body, open_info=info, codec=_codec, groups=GROUPS)
 
     def Heartbeat(self, request, context):
         self.calls += 1
@@ -136,27 +146,48 @@ def _upload(upload_id, tensors, chunk_bytes=1 << 20):
     )
 
 
-@pytest.mark.parametrize("chunk_bytes", [64 << 10, 1 << 20, 2 << 20])
-def test_push_and_pull_with_matching_meters(env, chunk_bytes):
-    servicer, stub, _ = env
-    update = {k: v * 0.5 for k, v in servicer.body.items()}
-    update["step"] = servicer.body["step"]
-    client_up = ByteMeter()
-    receipt = stub.PushUpdate(metered(_upload("u1", update, chunk_bytes), client_up), timeout=TIMEOUT_S)
-    assert receipt.upload_id == "u1" and receipt.digest and not receipt.missing_seqs
-    assert tensors_digest(servicer.committed["u1"]) == tensors_digest(update)
-    assert servicer.meters["u1"].by_group() == client_up.by_group()
-    assert set(client_up.by_group()) == {"body", "embeddings", "other", "control"}
-
-    client_down = ByteMeter()
-    info, pulled = receive_stream(
-        metered(stub.PullBody(service_pb2.PullRequest(worker_id="w0"), timeout=TIMEOUT_S), client_down),
-        manifest=servicer.manifest,
-    )
-    assert info.target_version == 4 and info.sender_id == "server"
-    assert tensors_digest(pulled) == tensors_digest(servicer.body)
-    assert servicer.meters["pull-w0"].by_group() == client_down.by_group()
-    assert client_down.total().raw_bytes == 4 * sum(t.numel() for t in servicer.body.values())
+@pytest.mark.parametrize("chunk_bytes", [4 << 10, 64 << 10, 1 << 20])
+def test_the_real_servers_meters_match_what_crossed_the_wire(tmp_path, chunk_bytes):
+    """dept-server's own servicer and app (in-process, port 0) count every byte a worker sends and
+    receives, per group, exactly as the worker's side counts them; its metrics line says the same."""
+    with serving(tmp_path, workers=1, metrics_path=tmp_path / "metrics.jsonl") as server:
+        client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=TIMEOUT_S)
+        client_up, client_down = ByteMeter(), ByteMeter()
+        try:
+            reply = client.join(service_pb2.JoinRequest(source_id="sw", worker_name="sw"))
+            pulled = list(
+                metered(
+                    client.pull(service_pb2.PullRequest(worker_id=reply.worker_id, full=True)), client_down
+                )
+            )
+            info, body = receive_stream(pulled, limits=PULL_LIMITS)
+            joined = Joined(reply.worker_id, reply, info, body)
+            upload = worker_upload(joined, seed=5, chunk_bytes=chunk_bytes)
+            for msg in upload.messages[:-1]:
+                client_up.observe(msg)
+            receipt = client.push(upload.messages[:-1])
+            assert not receipt.missing_seqs
+            commit = upload.commit_request(reply.worker_id, round_idx=0)
+            client_up.observe(commit)
+            assert client.commit(commit).accepted  # one expected worker: the round closes
+        finally:
+            client.close()
+        (record,) = server.app.records
+    (written,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert written == record
+    (worker,) = record.workers
+    assert worker.up_by_group == client_up.by_group()
+    assert worker.down_by_group == client_down.by_group()
+    assert set(client_up.by_group()) == {"body", "control"}  # spec: no embeddings cross
+    numel = sum(t.numel() for t in body.values())
+    assert worker.down_raw_bytes == worker.up_raw_bytes == 4 * numel == record.uncompressed_body_bytes
+    assert worker.up_payload_bytes == client_up.total().payload_bytes == record.up_payload_bytes
+    assert worker.down_payload_bytes == client_down.total().payload_bytes == record.down_payload_bytes
+    # int8 up: within the codec's own bound plus per-message framing (an fp32 fallback would be
+    # four times the size); the full pull goes down in fp32.
+    int8_bound = sum(get_codec("int8").max_encoded_bytes(t.numel()) for t in body.values())
+    assert worker.up_payload_bytes <= int8_bound + 128 * worker.up_messages < 2 * numel
+    assert 4 * numel < worker.down_payload_bytes <= 4 * numel + 128 * worker.down_messages
 
 
 def test_generated_protobuf_client_on_a_default_channel_interoperates(env):
