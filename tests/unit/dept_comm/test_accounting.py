@@ -1,4 +1,8 @@
-"""Byte accounting: per-group meters, round records in JSONL, and the Prometheus rendering."""
+"""Byte accounting: per-group meters, round records in JSONL, and the Prometheus rendering.
+
+Meter and rendering edge cases use synthetic streams and records; the schema of the records is
+checked on the metrics file a real run wrote (the session's ``real_run``, marked slow).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dept_comm.digest import Group
 from dept_comm.frames import as_message
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import StreamConfig, StreamOpenInfo, encode_stream
+from tests.fixtures.real_run import TEST_TIMEOUT_S, RealRun
 
 
 def _stream(tensors, groups, chunk_bytes=1 << 10, codec="fp32"):
@@ -195,3 +200,83 @@ def test_prometheus_text_is_well_formed():
     assert total == sum(r.workers[0].up_payload_bytes for r in records)
     assert samples[("dept_up_raw_bytes_total", 'worker="w2",source="en"')] == 800
     assert samples[("dept_rounds_total", "")] == 2
+
+
+# -- the records a real server wrote ---------------------------------------------------------
+
+real = pytest.mark.timeout(TEST_TIMEOUT_S)  # the session's real run may be set up by this test
+
+
+@real
+def test_real_round_lines_are_round_metrics_exactly(real_run: RealRun) -> None:
+    """Each round line is RoundMetrics.to_json_line of what from_dict reads back from it: no field
+    the server writes is lost or invented on the way."""
+    lines = [
+        line
+        for line in real_run.metrics_path.read_text().splitlines()
+        if json.loads(line).get("kind") != "final"
+    ]
+    assert len(lines) == real_run.rounds
+    for line in lines:
+        assert RoundMetrics.from_dict(json.loads(line)).to_json_line() == line
+
+
+@real
+def test_real_records_add_up(real_run: RealRun) -> None:
+    for r in real_run.round_lines:
+        record = RoundMetrics.from_dict(r)
+        assert r["ratios"] == record.ratios() and set(r["ratios"]) == {
+            "up_vs_full_model", "down_vs_full_model", "up_vs_uncompressed", "down_vs_uncompressed",
+        }  # fmt: skip
+        assert r["ratios"]["up_vs_full_model"] == pytest.approx(
+            r["up_payload_bytes"] / (r["num_workers"] * r["full_model_fp32_bytes"])
+        )
+        assert r["ratios"]["down_vs_uncompressed"] == pytest.approx(
+            r["down_payload_bytes"] / r["down_raw_bytes"]
+        )
+        assert r["num_workers"] == len(r["workers"]) == len(real_run.sources)
+        assert {w["source"] for w in r["workers"]} == set(real_run.sources)
+        for key in ("up_payload_bytes", "up_raw_bytes", "down_payload_bytes", "down_raw_bytes"):
+            assert r[key] == sum(w[key] for w in r["workers"]), key
+        for w in r["workers"]:
+            for d in ("up", "down"):
+                groups = w[f"{d}_by_group"]
+                assert set(groups) == {"body", "embeddings", "control"}  # glob: the matrix crosses too
+                assert w[f"{d}_payload_bytes"] == sum(g["payload_bytes"] for g in groups.values())
+                assert w[f"{d}_raw_bytes"] == sum(g["raw_bytes"] for g in groups.values())
+                assert w[f"{d}_messages"] == sum(g["messages"] for g in groups.values())
+                assert groups["control"]["raw_bytes"] == 0
+            # Every round's upload is int8 (about a byte per value); a fp32 fallback would be 4x.
+            assert w["up_payload_bytes"] < 0.3 * w["up_raw_bytes"]
+    final = real_run.final_line
+    assert final["round"] == real_run.rounds and set(final["eval"]) == set(real_run.sources)
+    assert final["up_payload_bytes"] == 0 and final["down_payload_bytes"] > 0
+
+
+@real
+def test_prometheus_text_of_real_records(real_run: RealRun) -> None:
+    records = [RoundMetrics.from_dict(r) for r in real_run.round_lines]
+    text = prometheus_text(records)
+    last = records[-1]
+    for w in last.workers:
+        label = f'worker="{w.worker_id}",source="{w.source}"'
+        assert f"dept_round_up_payload_bytes{{{label}}} {w.up_payload_bytes}" in text
+        total = sum(x.down_raw_bytes for r in records for x in r.workers if x.worker_id == w.worker_id)
+        assert f"dept_down_raw_bytes_total{{{label}}} {total}" in text
+    assert f"dept_round {last.round}" in text and f"dept_rounds_total {len(records)}" in text
+    assert f'dept_round_ratio{{ratio="up_vs_full_model"}} {last.up_vs_full_model!r}' in text
+
+
+@real
+@pytest.mark.xfail(
+    strict=True,
+    reason="read_jsonl takes dept-server's final line (kind final) for a torn line and warns; "
+    "dept_comm/accounting.py needs to skip or return it (reported to the coordinator)",
+)
+def test_read_jsonl_reads_a_real_metrics_file_quietly(
+    real_run: RealRun, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="dept_comm.accounting"):
+        records = read_jsonl(real_run.metrics_path)
+    assert records == [RoundMetrics.from_dict(r) for r in real_run.round_lines]
+    assert "metrics_torn_line" not in caplog.text
