@@ -1,4 +1,10 @@
-"""The real dept-server process on SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish, checkpoint, exit 0."""
+"""The real dept-server process on SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish, checkpoint, exit 0.
+
+Waits are for events (the health stream's next status, the in-flight call's answer, the process's
+exit), each with a deadline far above what they take (about a second idle): ``GRACE_S`` is the
+server's own drain limit, and checkpointing and interpreter exit get ``EXIT_S`` on top, enough
+for a 2-core machine under two CPU burners.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,15 @@ from dept_server.app import ServerApp
 from dept_server.config import ServerConfig
 from tests.e2e.harness import Server
 
-pytestmark = pytest.mark.slow
-
 TOKEN = "s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-GRACE_S = 3.0
+GRACE_S = 3.0  # --grace: how long the server lets in-flight RPCs finish
+START_S = 60.0  # the harness's wait for the server's port line (imports torch, builds the model)
+CALL_S = 30.0  # deadline of each RPC the test makes
+EXIT_S = 60.0  # drain (GRACE_S at most), checkpoint, summary, interpreter exit
+
+# Above the sum of the waits below, so a stuck server fails with the harness's diagnosis.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(START_S + 3 * CALL_S + 2 * (GRACE_S + EXIT_S) + 60)]
 
 
 def server_args(extra: list[str]) -> list[str]:
@@ -34,21 +44,25 @@ def test_sigterm_drains_checkpoints_and_exits_zero(tmp_path: Path) -> None:
     server = Server(server_args(["--checkpoint-dir", str(ckpt)]), tmp_path / "server.log")
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=""), timeout=30
+            health_pb2.HealthCheckRequest(service=""), timeout=CALL_S
         )
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stub = service_pb2_grpc.ParameterServerStub(channel)
-        worker_id = stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=10).worker_id
+        worker_id = stub.Join(
+            service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=CALL_S
+        ).worker_id
         poll = service_pb2.WaitRoundRequest(worker_id=worker_id, round_idx=0, timeout_ms=1_000)
-        in_flight = stub.WaitRound.future(poll, metadata=AUTH, timeout=30)
+        in_flight = stub.WaitRound.future(poll, metadata=AUTH, timeout=GRACE_S + EXIT_S)
         # Served after the poll was sent on the same connection: the poll is in the server.
-        stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=AUTH, timeout=10)
+        stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=AUTH, timeout=CALL_S)
 
         server.proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()  # an open Watch would hold the drain for the whole grace period
-        assert in_flight.result(timeout=GRACE_S + 5).round_idx == 0  # answered, not cut off
-    assert server.wait(timeout=GRACE_S + 5) == 0, server.log.read_text()[-3000:]
+        # Answered (the poll's own 1 s timeout, inside the grace period), not cut off.
+        assert in_flight.result(timeout=GRACE_S + EXIT_S).round_idx == 0
+    assert server.wait(timeout=GRACE_S + EXIT_S) == 0, server.log.read_text()[-3000:]
+    assert "final_checkpoint round=0 version=0" in server.log.read_text()
 
     # No round closed, so this checkpoint was written on the way out: the initial body, round 0.
     with CheckpointStore(ckpt) as store:
@@ -72,5 +86,5 @@ def test_sigterm_drains_checkpoints_and_exits_zero(tmp_path: Path) -> None:
 def test_sigint_without_checkpoint_dir_exits_zero(tmp_path: Path) -> None:
     server = Server(server_args([]), tmp_path / "server.log")
     server.proc.send_signal(signal.SIGINT)
-    assert server.wait(timeout=GRACE_S + 5) == 0, server.log.read_text()[-3000:]
+    assert server.wait(timeout=GRACE_S + EXIT_S) == 0, server.log.read_text()[-3000:]
     assert "stop requested" in server.log.read_text()
