@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -342,19 +343,24 @@ def test_wait_for_round_after_wakes_on_close() -> None:
     a = join(c, "a")
     assert c.wait_for_round_after(0, timeout_s=0).round_idx == 0  # times out at once
     results = []
-    started = threading.Event()
+    woke = threading.Event()
 
     def waiter() -> None:
-        started.set()
-        results.append(c.wait_for_round_after(0, timeout_s=30))
+        # Its own timeout is far past the test's: only the close can end this wait in time.
+        results.append(c.wait_for_round_after(0, timeout_s=3600))
+        woke.set()
 
-    t = threading.Thread(target=waiter)
+    t = threading.Thread(target=waiter, daemon=True)  # a waiter never woken must not hold up the run
     t.start()
-    started.wait()
+    # Close only once the waiter is parked on the coordinator's condition (CPython's Condition
+    # keeps one lock per waiting thread), so the close is what wakes it, not a check before waiting.
+    deadline = time.monotonic() + 60
+    while len(c._cond._waiters) == 0:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline and t.is_alive(), "the waiter never started waiting"
+        time.sleep(0.01)
     c.commit(a, "u", 0)
     c.close_round(b"d1")
-    t.join(timeout=30)
-    assert not t.is_alive()
+    assert woke.wait(60), "closing the round did not wake the waiter"
     assert results[0].round_idx == 1 and results[0].version == 1
 
 
@@ -379,8 +385,8 @@ def test_concurrent_commits_count_exactly_once_each() -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
-    assert not errors
+        t.join(timeout=60)
+    assert not [t for t in threads if t.is_alive()] and not errors
     record = c.round_record()
     assert [ci.worker_id for ci in record.commits] == sorted(ids)
     assert len({ci.upload_id for ci in record.commits}) == num_workers
@@ -397,6 +403,7 @@ def test_concurrent_commits_count_exactly_once_each() -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=60)
+    assert not [t for t in threads if t.is_alive()]
     assert sorted(closers, key=str) == [1, None, None, None]  # exactly one close advanced the round
     assert c.current_round().version == 1
