@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.real_run import RealRun, run_once
+from tests.fixtures.real_run import RUN_BUDGET_S, TEST_TIMEOUT_S, RealRun, run_once
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +24,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "real_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+            # The first test to use the run sets it up inside its own timeout: it needs room.
+            mark = item.get_closest_marker("timeout")
+            if mark is None or not mark.args or float(mark.args[0]) < TEST_TIMEOUT_S:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses real_run: mark it pytest.mark.timeout(TEST_TIMEOUT_S) "
+                    f"({TEST_TIMEOUT_S} s, tests/fixtures/real_run.py); the run alone may take {RUN_BUDGET_S:.0f} s"
+                )
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (run on a GPU host; see README)")

@@ -84,6 +84,7 @@ def held_open(
     release.wait(60)
 
 
+@pytest.mark.timeout(180)  # joins and pulls, a 30 s wait for the held pushes, 30 s for their receipts
 def test_health_answers_while_every_rpc_thread_is_busy() -> None:
     server = start(max_workers_threads=2, workers=2)
     release = threading.Event()
