@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from dept_comm.accounting import RoundMetrics
+from dept_server.metrics_http import summary_table
 from dept_server.report import MISSING, MetricsFileError, load_records, main, render_markdown, write_report
 from tests.fixtures.real_run import TEST_TIMEOUT_S, RealRun
 
@@ -136,6 +138,21 @@ def test_perplexity_first_last_and_final(real_run: RealRun, report: tuple[str, P
     assert "(bytes_per_round.png)" in text and "(perplexity.png)" in text
     for name in ("bytes_per_round.png", "perplexity.png"):
         _assert_png(out / name)
+
+
+@real
+def test_the_summary_dept_server_prints_matches_its_metrics(real_run: RealRun) -> None:
+    """The bytes-per-round table printed at exit carries the JSONL's numbers, round by round."""
+    rounds = real_run.round_lines
+    expected = summary_table([RoundMetrics.from_dict(r) for r in rounds])
+    assert expected in real_run.server_stdout, real_run.server_stdout
+    rows = [line.split() for line in expected.splitlines()[2:]]
+    assert [row[0] for row in rows] == [str(r["round"]) for r in rounds]
+    for row, r in zip(rows, rounds, strict=True):
+        assert row[-2:] == [
+            f"{r['ratios']['up_vs_full_model']:.4f}",
+            f"{r['ratios']['down_vs_full_model']:.4f}",
+        ]
 
 
 @real
