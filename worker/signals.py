@@ -19,16 +19,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+import grpc
+
+from dept_comm.channel import channel_options, open_channel
 from dept_comm.pb import service_pb2
 from dept_comm.rounds import worker_id_for
+from dept_comm.service import ParameterServerStub
 
-from .client import ServerClient
 from .config import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-LEAVE_TIMEOUT_S = 5.0  # a terminated worker does not wait a full RPC timeout to say goodbye
+LEAVE_TIMEOUT_S = 10.0  # a terminated worker does not wait a full RPC timeout to say goodbye
+LOCAL_SUBCHANNEL_POOL = "grpc.use_local_subchannel_pool"
 
 
 class Terminated(BaseException):
@@ -75,25 +79,28 @@ def _restore(handlers: dict[signal.Signals, Callable[[int, FrameType | None], ob
 
 
 def leave_terminated(config: WorkerConfig) -> None:
-    """Send Leave(reason="terminated") for this worker on a new channel; failures are logged.
+    """Send Leave(reason="terminated") for this worker on a new connection; failures are logged.
 
     The worker id is the server's stable id of the worker name, so this works whether or not the
     join completed before the signal (the server answers an unknown id with NOT_FOUND, logged).
+    The channel has its own subchannel pool: gRPC would otherwise hand it the TCP connection of
+    the channel just closed, if not yet torn down, where the Leave would queue behind whatever
+    of the cancelled upload is still in the socket buffers (megabytes on a slow link).
     """
-    client = ServerClient(
+    channel = open_channel(
         config.server,
-        token=config.token,
-        timeout_s=LEAVE_TIMEOUT_S,
-        retry_attempts=1,
         credentials=config.channel_credentials(),
         server_name=config.tls_server_name,
+        options=[*channel_options(), (LOCAL_SUBCHANNEL_POOL, 1)],
     )
+    metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+    request = service_pb2.LeaveRequest(worker_id=worker_id_for(config.worker_name), reason="terminated")
     try:
-        client.leave(
-            service_pb2.LeaveRequest(worker_id=worker_id_for(config.worker_name), reason="terminated")
-        )
+        ParameterServerStub(channel).Leave(request, timeout=LEAVE_TIMEOUT_S, metadata=metadata)
+    except grpc.RpcError as err:
+        logger.warning("leave failed: %s", err)
     finally:
-        client.close()
+        channel.close()
 
 
 def run_until_signalled(config: WorkerConfig, run: Callable[[WorkerConfig], int]) -> int:

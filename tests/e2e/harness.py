@@ -275,13 +275,13 @@ class ThrottledCount(ByteCount):
     def __init__(self, up_bytes_per_s: float) -> None:
         super().__init__()
         self.rate = up_bytes_per_s
-        self._next: dict[int, float] = {}
+        self._pump = threading.local()  # per pump thread: when its next piece may go
 
     def add(self, direction: str, n: int) -> None:
         if direction == "up":
             now = time.monotonic()
-            start = max(self._next.get(threading.get_ident(), now), now)
-            self._next[threading.get_ident()] = start + n / self.rate
+            start = max(getattr(self._pump, "next", now), now)
+            self._pump.next = start + n / self.rate
             if start > now:
                 time.sleep(start - now)
         super().add(direction, n)
