@@ -9,7 +9,7 @@ server's result against it (a server that fell back to another codec would not m
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +55,19 @@ class Joined:
         return WorkerSender(self.worker_id, self.reply.codec_up)
 
 
-def join_and_pull(client: ServerClient, source: str = "sw") -> Joined:
-    """Join as ``source`` and pull the whole body."""
-    reply = client.join(service_pb2.JoinRequest(source_id=source, worker_name=source))
-    pulled = client.pull(service_pb2.PullRequest(worker_id=reply.worker_id, full=True))
+def join_and_pull(
+    client: ServerClient, source: str = "sw", *, vocab_digest: str = "", embedding_rows: Sequence[int] = ()
+) -> Joined:
+    """Join as ``source`` and pull the whole body (for trim: with the rows of ``embedding_rows``;
+    glob and trim need the global tokenizer's ``vocab_digest``, hex, at join)."""
+    join = service_pb2.JoinRequest(
+        source_id=source, worker_name=source, vocab_digest=bytes.fromhex(vocab_digest)
+    )
+    reply = client.join(join)
+    request = service_pb2.PullRequest(
+        worker_id=reply.worker_id, full=True, embedding_rows=list(embedding_rows)
+    )
+    pulled = client.pull(request)
     info, body = receive_stream(pulled, limits=PULL_LIMITS)
     return Joined(reply.worker_id, reply, info, body)
 

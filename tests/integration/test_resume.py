@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from dept_comm.codecs import get_codec
-from dept_comm.frames import ChunkFrame, StreamItem
+from dept_comm.frames import ChunkFrame, StreamItem, chunk_of, header_of
+from dept_comm.names import EMB_IDS, EMB_ROWS
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, receive_stream
+from dept_model.tokenizer import build_tokenizers, load_tokenizer, vocab_digest
 from dept_server.run import RunningServer
 from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
@@ -99,3 +101,44 @@ def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, ca
             assert all(not torch.equal(sent_upload.decoded[n], raw[n]) for n in raw)
         finally:
             client.close()
+
+
+def test_a_trim_upload_moves_the_workers_rows_by_what_the_server_decoded(tmp_path) -> None:
+    """TRIM: a worker sends its rows int8 with error feedback and their global ids raw (as
+    dept-worker does); the server folds exactly the decoded rows into its matrix."""
+    vocab = build_tokenizers(["sw", "en"], vocab_size=512, out_dir=tmp_path / "tok", per_source=False)[
+        "global"
+    ]
+    ids = torch.randperm(512, generator=torch.Generator().manual_seed(3))[:96].sort().values
+    with serving(tmp_path, variant="trim", vocab=vocab) as server:
+        client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20)
+        try:
+            digest = vocab_digest(load_tokenizer(vocab))
+            joined = join_and_pull(client, vocab_digest=digest, embedding_rows=ids.tolist())
+            assert torch.equal(joined.body[EMB_IDS], ids) and joined.body[EMB_ROWS].shape[0] == len(ids)
+            sent = worker_upload(joined, seed=5, chunk_bytes=CHUNK_BYTES)
+            headers = {h.name: h for h in (header_of(chunk_of(m)) for m in sent.messages if chunk_of(m)) if h}
+            assert headers[EMB_IDS].codec == "raw" and headers[EMB_ROWS].codec == "int8"
+            assert client.push(sent.messages[:-1]).num_chunks == sum(
+                chunk_of(m) is not None for m in sent.messages
+            )
+            assert client.commit(sent.commit_request(joined.worker_id, round_idx=0)).accepted
+            _, new_body = receive_stream(
+                client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True)),
+                limits=PULL_LIMITS,
+            )
+        finally:
+            client.close()
+    int8 = get_codec("int8")
+
+    def down(update: torch.Tensor) -> torch.Tensor:  # the server's down-link step (no residual yet)
+        return int8.decode(int8.encode(update), tuple(update.shape), torch.float32)
+
+    for name, up in sent.decoded.items():
+        if name.startswith("body."):
+            assert torch.equal(new_body[name], joined.body[name] + down(up)), name
+    dense = torch.zeros(512, joined.body[EMB_ROWS].shape[1])
+    dense.index_copy_(0, ids, sent.decoded[EMB_ROWS])  # rows no source sent have a zero delta
+    assert torch.equal(new_body[EMB_IDS], ids)
+    assert torch.equal(new_body[EMB_ROWS], joined.body[EMB_ROWS] + down(dense)[ids])
+    assert not torch.equal(sent.decoded[EMB_ROWS], random_delta(joined.body, seed=5)[EMB_ROWS])  # lossy: int8
