@@ -109,7 +109,7 @@ def run_until_signalled(config: WorkerConfig, run: Callable[[WorkerConfig], int]
         with stop_on_signals():
             return run(config)
     except Terminated as stop:
-        logger.warning("%s: leaving the run without committing the round in flight", stop)
+        logger.warning("%s: leaving the run (an update not yet committed is dropped)", stop)
         leave_terminated(config)
         logger.info("left the run (reason=terminated); exit status %d", stop.exit_code)
         return stop.exit_code

@@ -85,3 +85,29 @@ def test_sigterm_mid_push_leaves_and_counts_nothing(global_vocab: Path, tmp_path
     assert by_source.get(victim, {}).get("train_loss") is None, rec
     assert set(rec["eval"]) == {survivor}, rec["eval"]
     assert worker_digests(tmp_path / f"w-{survivor}")[1] == rec["body_digest"]
+
+
+@pytest.mark.timeout(START_S + RUN_S + 2 * EXIT_S + MARGIN_S)
+def test_sigint_while_waiting_for_the_round_leaves_with_130(global_vocab: Path, tmp_path: Path) -> None:
+    # Two workers expected, one comes: after its commit it waits (long polls) for a round that
+    # cannot close; SIGINT then stops it there.
+    server = Server(server_args("spec", global_vocab, tmp_path, rounds=1), tmp_path / "server.log")
+    proc = start_worker(worker_args(server.port, "sw", global_vocab, tmp_path), tmp_path / "sw.log")
+    worker_id = worker_id_for("sw")
+    wait_for(
+        lambda: f"commit worker={worker_id} round=0" in server.log.read_text(),
+        RUN_S,
+        "the worker's commit of round 0",
+        alive=[server.proc, proc],
+    )
+    proc.send_signal(signal.SIGINT)
+    assert wait_exit(proc, EXIT_S, "the SIGINTed worker to exit") == 128 + signal.SIGINT, describe()
+    assert "stopped by SIGINT" in (tmp_path / "sw.log").read_text(), describe()
+    wait_for(
+        lambda: f"leave worker={worker_id} reason=terminated" in server.log.read_text(),
+        EXIT_S,
+        "the server to log the worker's leave",
+        alive=[server.proc],
+    )
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(EXIT_S) == 0, describe()
