@@ -34,7 +34,7 @@ MAX_KILLS = 200  # a save has about 30 steps; more means the sweep never ends
 # each kill costs a fork, not an interpreter start. The children run the real store code; only
 # the os functions it calls are wrapped, to report and wait.
 ZYGOTE = r"""
-import os, shutil, sys
+import os, sys
 from dept_comm.checkpoint import CheckpointStore
 from tests.fixtures.server_state import server_groups, shifted
 
