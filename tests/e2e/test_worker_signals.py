@@ -87,7 +87,7 @@ def test_sigterm_mid_push_leaves_and_counts_nothing(global_vocab: Path, tmp_path
     assert worker_digests(tmp_path / f"w-{survivor}")[1] == rec["body_digest"]
 
 
-@pytest.mark.timeout(START_S + RUN_S + 2 * EXIT_S + MARGIN_S)
+@pytest.mark.timeout(START_S + RUN_S + 3 * EXIT_S + MARGIN_S)
 def test_sigint_while_waiting_for_the_round_leaves_with_130(global_vocab: Path, tmp_path: Path) -> None:
     # Two workers expected, one comes: after its commit it waits (long polls) for a round that
     # cannot close; SIGINT then stops it there.
