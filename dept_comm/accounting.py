@@ -262,7 +262,9 @@ class RoundMetrics:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[RoundMetrics]:
-    """Every record of a metrics file; a torn last line (crash mid-write) is skipped with a warning.
+    """Every round record of a metrics file; a torn last line (crash mid-write) is skipped with a
+    warning. Lines of other kinds (``"kind": "final"``, the run's closing line) are not rounds and
+    are passed over.
 
     Raises:
         ValueError: a malformed line other than the last.
@@ -273,8 +275,11 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[RoundMetrics]:
         if not line.strip():
             continue
         try:
-            out.append(RoundMetrics.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, TypeError, KeyError) as err:
+            row = json.loads(line)
+            if isinstance(row, dict) and row.get("kind") is not None:
+                continue
+            out.append(RoundMetrics.from_dict(row))
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
             if i == len(lines) - 1:
                 logger.warning("metrics_torn_line path=%s line=%d error=%s", path, i + 1, err)
                 break

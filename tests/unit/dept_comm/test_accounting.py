@@ -268,11 +268,6 @@ def test_prometheus_text_of_real_records(real_run: RealRun) -> None:
 
 
 @real
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_jsonl takes dept-server's final line (kind final) for a torn line and warns; "
-    "dept_comm/accounting.py needs to skip or return it (reported to the coordinator)",
-)
 def test_read_jsonl_reads_a_real_metrics_file_quietly(
     real_run: RealRun, caplog: pytest.LogCaptureFixture
 ) -> None:
