@@ -53,11 +53,13 @@ def read_hub(target: str, split: str, *, limit_bytes: int | None) -> list[str]:
         (load_texts cuts the last one).
 
     Raises:
-        DataSourceError: offline, or when the dataset, config, split or `text` column cannot be had.
+        DataSourceError: offline (unless ``target`` is a local dataset folder), or when the dataset,
+            config, split or `text` column cannot be had.
     """
     name, config = parse_hub_spec(target)
     limit = DEFAULT_LIMIT_BYTES if limit_bytes is None else limit_bytes
-    if _offline():
+    # A local dataset folder (what `datasets.load_dataset(path)` reads) needs no network.
+    if _offline() and not os.path.isdir(name):
         raise DataSourceError(
             f"hf:{target} needs the network but Hugging Face offline mode is on: "
             + _FIX.format(vars=" and ".join(_OFFLINE_VARS))

@@ -81,12 +81,11 @@ def write_local_dataset(root: Path, source: str) -> dict[str, int]:
 @pytest.mark.timeout(START_S + RUN_S + EXIT_S + MARGIN_S)
 def test_hf_data_from_a_local_dataset_folder(global_vocab: Path, tmp_path: Path) -> None:
     # hf:NAME goes through datasets.load_dataset(NAME), which takes a folder relative to the
-    # working directory. dept's hf: refuses to run in Hugging Face offline mode (it cannot tell a
-    # folder from a Hub name), so the worker runs without the offline switches, with its caches
-    # in the test's directory; no Hub name is used, so nothing is fetched.
+    # working directory; a local folder needs no network, so Hugging Face offline mode (set by the
+    # harness) stays on, with the caches in the test's directory.
     counts = write_local_dataset(tmp_path / "sw-local", "sw")
-    env = {k: v for k, v in ENV.items() if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    env = dict(ENV, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    assert env["HF_DATASETS_OFFLINE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     one_worker_run(global_vocab, tmp_path, ["--data", "hf:sw-local"], env=env, cwd=tmp_path)
     log = (tmp_path / "sw.log").read_text()
     for split, n in counts.items():
