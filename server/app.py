@@ -106,6 +106,7 @@ class ServerApp:
         self._aggregate = RoundAggregate(
             {k: tuple(v.shape) for k, v in shared.items()},
             trim_rows=(vocab, dim) if config.variant == "trim" else None,
+            weighting=config.outer_weighting,
         )
         self._stream_config = StreamConfig()
         self._lock = threading.Lock()
@@ -361,7 +362,7 @@ class ServerApp:
                 raise ConflictError(
                     f"worker {worker_id} already committed upload {counted} for round {round_idx}"
                 )
-            self._aggregate.fold(update)
+            self._aggregate.fold(update, num_tokens=int(req.num_tokens))
             self.coordinator.commit(worker_id, upload_id, round_idx)
             with self._lock:
                 self._uploads.pop(upload_id, None)

@@ -14,7 +14,7 @@ from dept_comm.channel import BindError
 from dept_comm.errors import DeptError
 from dept_comm.memory import keep_freed_memory
 
-from .config import OUTER_OPTIMIZERS, VARIANTS, ServerConfig
+from .config import OUTER_OPTIMIZERS, OUTER_WEIGHTINGS, VARIANTS, ServerConfig
 from .run import run
 
 CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
@@ -34,6 +34,12 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 @click.option("--outer", type=click.Choice(OUTER_OPTIMIZERS), default="fedavg")
 @click.option("--outer-lr", type=float, default=None, help="[default: 1.0 fedavg, 0.7 nesterov]")
 @click.option("--outer-momentum", type=float, default=None, help="[default: 0.9 nesterov]")
+@click.option(
+    "--outer-weighting",
+    type=click.Choice(OUTER_WEIGHTINGS),
+    default="uniform",
+    help="Average updates uniformly (the paper) or weighted by the tokens each worker trained on.",
+)
 @click.option("--codec-up", type=click.Choice(CODECS), default="int8")
 @click.option("--codec-down", type=click.Choice(CODECS), default="int8")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)

@@ -9,6 +9,7 @@ from dept_comm.tls import read_pem
 
 VARIANTS = ("glob", "trim", "spec", "spec-opt")
 OUTER_OPTIMIZERS = ("fedavg", "nesterov")
+OUTER_WEIGHTINGS = ("uniform", "tokens")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -27,6 +28,7 @@ class ServerConfig:
     outer: str = "fedavg"
     outer_lr: float | None = None  # None: 1.0 for fedavg, 0.7 for nesterov
     outer_momentum: float | None = None  # None: 0.9 for nesterov
+    outer_weighting: str = "uniform"  # FedAvg weights: uniform (the paper) or tokens per worker
     codec_up: str = "int8"
     codec_down: str = "int8"
     checkpoint_dir: Path | None = None
@@ -58,6 +60,10 @@ class ServerConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.outer not in OUTER_OPTIMIZERS:
             raise ValueError(f"outer must be one of {OUTER_OPTIMIZERS}, got {self.outer!r}")
+        if self.outer_weighting not in OUTER_WEIGHTINGS:
+            raise ValueError(
+                f"outer_weighting must be one of {OUTER_WEIGHTINGS}, got {self.outer_weighting!r}"
+            )
         if self.variant in ("glob", "trim") and self.vocab is None:
             raise ValueError(
                 f"variant {self.variant} shares embeddings: pass --vocab (a global tokenizer.json)"
