@@ -15,6 +15,6 @@ for arg in "$@"; do
   fi
 done
 echo "== ruff"; ruff check . && ruff format --check .
-echo "== mypy"; mypy dept_comm dept_model server worker benchmarks
+echo "== mypy"; mypy dept_comm dept_model server worker benchmarks experiment
 echo "== import-linter"; lint-imports
 echo "== pytest"; python -m pytest -q -p no:cacheprovider ${pytest_args[@]+"${pytest_args[@]}"}
