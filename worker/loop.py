@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -35,6 +36,7 @@ from dept_model.tokenizer import vocab_digest
 
 from .client import ServerClient, stream_idle_for
 from .config import WorkerConfig
+from .device import resolve_device
 from .persist import WorkerState
 from .replica import Replica
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
@@ -78,6 +80,11 @@ class Worker:
             return
         self.setup.trainer.load(saved["trainer_path"])
         self.feedback.load_state_dict(saved["feedback"])
+        if "ranks" in saved["data"]:  # one data position per rank: written by a torchrun worker (.node)
+            n = len(saved["data"]["ranks"])
+            raise ValueError(
+                f"{self.store.dir} holds a {n}-rank worker's state: run it with --nproc-per-node {n}"
+            )
         self.setup.train_batches.load_state_dict(saved["data"])
 
     def _save(self, round_idx: int) -> None:
@@ -279,6 +286,7 @@ class Worker:
 
 def run(config: WorkerConfig) -> int:
     """Join the server, build the model for its variant, and train until the run ends."""
+    config = dataclasses.replace(config, device=str(resolve_device(config.device)))
     state_dir = config.state_dir or Path(tempfile.mkdtemp(prefix=f"dept-worker-{config.source}-"))
     store = WorkerState(state_dir)
     tokenizer = resolve_tokenizer(config, state_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,18 @@ class WorkerState:
             leftover.unlink()
 
     def save(
-        self, *, round_idx: int, trainer: Trainer, feedback: dict[str, torch.Tensor], data: dict[str, int]
+        self,
+        *,
+        round_idx: int,
+        trainer: Trainer,
+        feedback: dict[str, torch.Tensor],
+        data: Mapping[str, Any],
     ) -> None:
         """Write the trainer (model incl. private embeddings, AdamW state), residuals and progress."""
         tag = f"{round_idx:06d}"
         trainer.save(self.dir / f"trainer-{tag}.safetensors", include_model=True)
         save_tensors(self.dir / f"feedback-{tag}.safetensors", feedback)
-        progress = {"round_idx": round_idx, "tag": tag, "data": data}
+        progress = {"round_idx": round_idx, "tag": tag, "data": dict(data)}
         _atomic_write_bytes(self.dir / "progress.json", json.dumps(progress).encode())
         for old in self.dir.glob("*-*.safetensors"):
             if not old.stem.endswith(tag):

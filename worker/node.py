@@ -1,0 +1,285 @@
+"""One DEPT worker across a node's N ranks (torchrun): rank 0 runs the round loop, the others follow.
+
+Rank 0 alone talks to dept-server (join, pull, push, commit, heartbeat, leave) through the
+ordinary :class:`~dept_worker.loop.Worker`; at each step that involves the whole node it sends
+the other ranks a command (``worker.dist``) and they act in lockstep:
+
+- ``setup``: the run's configuration from the join reply and the state dir; every rank builds the
+  same model (same seed), reads its own disjoint shard of the source's training windows and wraps
+  the model in ``DistributedDataParallel``.
+- ``restore``: the trainer file (model with the private embeddings, AdamW moments, step count)
+  rank 0 found in the state dir, and each rank's data position; every rank loads them.
+- ``sync`` after each verified pull: rank 0 broadcasts its model (the pulled body and the
+  embeddings) to every rank, and each rank records the digest of the body it now holds
+  (``digests-rank{R}.jsonl``).
+- ``train``: the inner steps, data-parallel (each rank its own batches, gradients all-reduced by
+  DDP, so the replicas stay identical); the loss reported is the mean over the ranks. Rank 0 then
+  computes the update once from its replica and pushes it.
+- ``save``: each rank hands rank 0 its data position, which rank 0 saves with the rest of the state.
+- ``stop``: the run ended (or rank 0 failed); every rank exits with rank 0's exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel
+
+from dept_comm.digest import tensors_digest
+from dept_comm.names import BODY_PREFIX
+from dept_comm.pb import service_pb2
+from dept_model import DeptModel
+from dept_model.data import TokenBatches
+from dept_model.tokenizer import vocab_digest
+
+from .client import ServerClient, stream_idle_for
+from .config import WorkerConfig
+from .device import resolve_device
+from .dist import Node, NodeEnv, NodeError, torchrun_argv
+from .loop import Worker
+from .persist import WorkerState
+from .setup import WorkerSetup, build_setup, resolve_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Buffers (TRIM's row maps) are the same on every rank and never trained: no broadcast before each
+# forward. torch 2.13 renamed the switch (``broadcast_buffers`` is deprecated there).
+_NO_BUFFER_SYNC: dict[str, Any] = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+# -- launching --------------------------------------------------------------------------------------
+def prepare(config: WorkerConfig, env: NodeEnv | None, nproc_per_node: int) -> WorkerConfig:
+    """``config`` with its --device resolved for this process (or checked for the ranks to launch).
+
+    Raises:
+        ValueError: the device cannot serve this rank (no CUDA, GPU index out of range, ...).
+    """
+    if env is None and nproc_per_node > 1:  # the launcher: check what its last rank will ask for
+        resolve_device(config.device, local_rank=nproc_per_node - 1, world_size=nproc_per_node)
+        return config
+    local_rank, world_size = (env.local_rank, env.world_size) if env is not None else (0, 1)
+    device = resolve_device(config.device, local_rank=local_rank, world_size=world_size)
+    return dataclasses.replace(config, device=str(device))
+
+
+def launch_torchrun(argv: Sequence[str], nproc_per_node: int) -> None:
+    """Replace this process with ``torchrun --standalone --nproc-per-node N -m dept_worker.cli ...``."""
+    command = torchrun_argv(argv, nproc_per_node)
+    logger.info("launching %s", " ".join(command))
+    os.execv(command[0], command)
+
+
+# -- what every rank builds -------------------------------------------------------------------------
+def shard_batches(batches: TokenBatches, rank: int, world_size: int) -> TokenBatches:
+    """Rank ``rank``'s disjoint share of the training windows, as its own resumable batch stream.
+
+    The windows are split into ``world_size`` contiguous runs (rank r: windows
+    ``[r * W // N, (r + 1) * W // N)``); each rank shuffles its own run with its own seed.
+
+    Raises:
+        ValueError: fewer windows than ranks.
+    """
+    num_windows, seq_len = batches.num_windows, batches.seq_len
+    if num_windows < world_size:
+        raise ValueError(
+            f"the source has {num_windows} training windows of {seq_len} tokens, fewer than the "
+            f"{world_size} ranks: use fewer ranks or a shorter --seq-len"
+        )
+    lo, hi = rank * num_windows // world_size, (rank + 1) * num_windows // world_size
+    tokens = batches.tokens[lo * seq_len : hi * seq_len + 1]
+    return TokenBatches(tokens, seq_len=seq_len, batch_size=batches.batch_size, seed=batches.seed + rank)
+
+
+def node_setup(
+    config: WorkerConfig, run: dict[str, Any], tokenizer: Tokenizer, digest: str, node: Node
+) -> WorkerSetup:
+    """The ordinary worker setup, with this rank's data shard and the model trained through DDP."""
+    setup = build_setup(config, run, tokenizer, digest)
+    setup.train_batches = shard_batches(setup.train_batches, node.rank, node.world_size)
+    device_ids = [node.device.index] if node.device.type == "cuda" else None
+    ddp = DistributedDataParallel(setup.model, device_ids=device_ids, **_NO_BUFFER_SYNC)
+    # The trainer keeps stepping its own optimizer over the model's parameters (which DDP shares);
+    # only the forward goes through DDP, whose backward hooks all-reduce the gradients.
+    setup.trainer._forward = torch.compile(ddp) if config.compile else ddp
+    return setup
+
+
+def model_body_digest(model: DeptModel) -> str:
+    """The digest the server publishes for a body, computed from what ``model`` holds."""
+    body = {BODY_PREFIX + k: v.to("cpu", torch.float32) for k, v in model.body_state().items()}
+    return tensors_digest(body).hex()
+
+
+def rank_digests_path(state_dir: Path, rank: int) -> Path:
+    return state_dir / f"digests-rank{rank}.jsonl"
+
+
+def sync_model(node: Node, model: DeptModel, version: int, state_dir: Path) -> str:
+    """Every rank: take rank 0's model (body and embeddings) and record the body's digest."""
+    node.broadcast(t for _, t in sorted(model.state_dict().items()))
+    digest = model_body_digest(model)
+    with open(rank_digests_path(state_dir, node.rank), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"version": version, "body_digest": digest}) + "\n")
+    return digest
+
+
+def rank_positions(data: Mapping[str, Any], world_size: int, where: Path) -> list[dict[str, int]] | None:
+    """Each rank's saved data position, or None (with a warning) when they cannot be reused."""
+    ranks = data.get("ranks")
+    if not isinstance(ranks, list):
+        logger.warning(
+            "%s holds a single-process worker's state: the data position of each of the %d shards "
+            "starts afresh (model, embeddings and optimizer state continue)",
+            where,
+            world_size,
+        )
+        return None
+    if len(ranks) != world_size:
+        logger.warning(
+            "%s was written by a %d-rank worker, this one has %d: the data positions start afresh "
+            "(model, embeddings and optimizer state continue)",
+            where,
+            len(ranks),
+            world_size,
+        )
+        return None
+    return [dict(r) for r in ranks]
+
+
+# -- rank 0 -----------------------------------------------------------------------------------------
+class NodeWorker(Worker):
+    """Rank 0's worker: the round protocol of :class:`Worker`, with the other ranks kept in step."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        client: ServerClient,
+        setup: WorkerSetup,
+        reply: service_pb2.JoinReply,
+        store: WorkerState,
+        node: Node,
+    ) -> None:
+        self.node = node  # before Worker.__init__, which restores the state
+        super().__init__(config, client, setup, reply, store)
+
+    def _restore(self) -> None:
+        saved = self.store.load()
+        if saved is None:
+            self.node.send("restore", trainer=None, data=None)
+            return
+        positions = rank_positions(saved["data"], self.node.world_size, self.store.dir)
+        self.setup.trainer.load(saved["trainer_path"])
+        self.feedback.load_state_dict(saved["feedback"])
+        if positions is not None:
+            self.setup.train_batches.load_state_dict(positions[0])
+        self.node.send("restore", trainer=str(saved["trainer_path"]), data=positions)
+
+    def _save(self, round_idx: int) -> None:
+        seq = self.node.send("save", round_idx=round_idx)
+        positions = [self.setup.train_batches.state_dict()]
+        positions += [self.node.take_json(f"data/{seq}/{r}") for r in range(1, self.node.world_size)]
+        self.store.save(
+            round_idx=round_idx,
+            trainer=self.setup.trainer,
+            feedback=self.feedback.state_dict(),
+            data={"world_size": self.node.world_size, "ranks": positions},
+        )
+
+    def pull(self, full: bool = False) -> None:
+        super().pull(full)
+        self.node.send("sync", version=self.replica.version)
+        sync_model(self.node, self.setup.model, self.replica.version, self.store.dir)
+
+    def train(self) -> tuple[float, int]:
+        self.node.send("train", steps=self.config.inner_steps)
+        loss, tokens = super().train()
+        self.last_loss = self.node.mean(loss)
+        return self.last_loss, tokens * self.node.world_size
+
+
+def lead(config: WorkerConfig, node: Node) -> int:
+    """Rank 0: join, set the node up, run the rounds; ``stop`` the other ranks whatever happens."""
+    state_dir = config.state_dir or Path(tempfile.mkdtemp(prefix=f"dept-worker-{config.source}-"))
+    code = 1
+    try:
+        store = WorkerState(state_dir)
+        tokenizer = resolve_tokenizer(config, state_dir)
+        client = ServerClient(
+            config.server,
+            token=config.token,
+            timeout_s=config.rpc_timeout_s,
+            credentials=config.channel_credentials(),
+            server_name=config.tls_server_name,
+            stream_idle_s=stream_idle_for(config.min_bandwidth_mbps),
+        )
+        try:
+            digest = vocab_digest(tokenizer)
+            reply = client.join(Worker.join_request(config, digest))
+            run_info = json.loads(reply.run_config_json)
+            node.send("setup", run=run_info, state_dir=str(state_dir))
+            setup = node_setup(config, run_info, tokenizer, digest, node)
+            code = NodeWorker(config, client, setup, reply, store, node).run()
+        finally:
+            client.close()
+    finally:
+        node.send("stop", code=code)
+    return code
+
+
+# -- ranks 1..N-1 -----------------------------------------------------------------------------------
+def follow(config: WorkerConfig, node: Node) -> int:
+    """Any other rank: do what rank 0 says until it says stop; returns rank 0's exit code."""
+    _, command = node.receive()
+    if command["op"] == "stop":
+        return int(command["code"])
+    if command["op"] != "setup":
+        raise NodeError(f"expected the node's setup from rank 0, got {command['op']!r}")
+    state_dir = Path(command["state_dir"])
+    tokenizer = resolve_tokenizer(config, state_dir)  # rank 0 trained and saved it if needed
+    setup = node_setup(config, command["run"], tokenizer, vocab_digest(tokenizer), node)
+    device = torch.device(config.device)
+    while True:
+        seq, command = node.receive()
+        op = command["op"]
+        if op == "restore":
+            if command["trainer"] is not None:
+                setup.trainer.load(command["trainer"])
+            if command["data"] is not None:
+                setup.train_batches.load_state_dict(command["data"][node.rank])
+        elif op == "sync":
+            sync_model(node, setup.model, int(command["version"]), state_dir)
+        elif op == "train":
+            losses = []
+            for _ in range(int(command["steps"])):
+                x, y = setup.train_batches.next_batch()
+                losses.append(setup.trainer.step(x.to(device), y.to(device)))
+            node.mean(sum(losses) / len(losses))
+        elif op == "save":
+            node.put_json(f"data/{seq}/{node.rank}", setup.train_batches.state_dict())
+        elif op == "stop":
+            return int(command["code"])
+        else:
+            raise NodeError(f"unknown node command {op!r} from rank 0")
+
+
+def run_node(config: WorkerConfig, env: NodeEnv) -> int:
+    """Run this process's rank of a torchrun worker (``config.device`` already resolved)."""
+    node = Node(env, torch.device(config.device), timeout_s=config.dist_timeout_s)
+    try:
+        return lead(config, node) if node.is_leader else follow(config, node)
+    finally:
+        node.close()
