@@ -52,6 +52,14 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 )
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
 @click.option(
+    "--attn",
+    type=click.Choice(["auto", "flex", "sdpa"]),
+    default="auto",
+    help="ALiBi attention: auto = flex on CUDA.",
+)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, help="Micro-batches per inner step.")
+@click.option("--activation-checkpointing", is_flag=True, help="Recompute each block in the backward pass.")
+@click.option(
     "--nproc-per-node",
     type=click.IntRange(min=1),
     default=1,

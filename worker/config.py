@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from dept_comm.tls import channel_credentials, read_pem
+from dept_model.attention import ATTN_IMPLS
 
 from .device import check_device
 
@@ -38,6 +39,9 @@ class WorkerConfig:
     rpc_timeout_s: float = 60.0
     min_bandwidth_mbps: float = 1.0  # a pull or push slower than this for a whole chunk is stalled
     compile: bool = False
+    attn: str = "auto"  # auto | flex | sdpa (dept_model.attention): ALiBi through FlexAttention or SDPA
+    grad_accum: int = 1  # micro-batches per inner step (the batch is split; same step, less memory)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
     dist_timeout_s: float = 600.0  # torchrun nodes: bound on each collective and on rank 0's silence
 
     def __post_init__(self) -> None:
@@ -55,6 +59,10 @@ class WorkerConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         check_device(self.device)
+        if self.attn not in ATTN_IMPLS or self.grad_accum < 1:
+            raise ValueError(
+                f"attn must be one of {ATTN_IMPLS} and grad_accum >= 1, got {self.attn!r}, {self.grad_accum}"
+            )
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         self._check_tls()

@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from dept_comm.codecs import Codec, codec_names, get_codec
-from dept_comm.codecs.feedback import ErrorFeedback
+from dept_comm.codecs.gpu import make_feedback
 from dept_comm.errors import (
     CommitMismatchError,
     ConflictError,
@@ -66,7 +66,7 @@ class Worker:
         self.info = reply.round
         self.codec_up: Codec = get_codec(reply.codec_up)
         self._raw = get_codec("raw")
-        self.feedback = ErrorFeedback(self.codec_up)
+        self.feedback = make_feedback(self.codec_up, config.device)  # int8/int4 on CUDA: quantised on the GPU
         self.replica = Replica(setup.model, str(self.variant))
         self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
         self.last_loss = float("nan")

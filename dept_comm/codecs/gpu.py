@@ -257,7 +257,10 @@ class DeviceErrorFeedback(ErrorFeedback):
 
 def device_feedback_reason(codec: Codec, device: torch.device | str) -> str | None:
     """Why ``make_feedback`` keeps the CPU path for this codec and device, or None if it will not."""
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return f"{device!r} is not one torch device"
     if dev.type != "cuda":
         return f"device {dev} is not CUDA"
     if not torch.cuda.is_available():
