@@ -66,6 +66,12 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
     help="Run one worker across this many ranks (GPUs) of this host: launches torchrun (README: Multi-GPU nodes).",
 )
 @click.option(
+    "--parallel",
+    type=click.Choice(["auto", "ddp", "fsdp"]),
+    default="auto",
+    help="Under torchrun: whole model per rank (ddp) or sharded (fsdp); auto: fsdp for the 1.3b preset.",
+)
+@click.option(
     "--dist-timeout",
     "dist_timeout_s",
     type=click.FloatRange(min=0, min_open=True),

@@ -42,6 +42,7 @@ class WorkerConfig:
     attn: str = "auto"  # auto | flex | sdpa (dept_model.attention): ALiBi through FlexAttention or SDPA
     grad_accum: int = 1  # micro-batches per inner step (the batch is split; same step, less memory)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    parallel: str = "auto"  # torchrun nodes: ddp | fsdp | auto (fsdp for the 1.3b preset)
     dist_timeout_s: float = 600.0  # torchrun nodes: bound on each collective and on rank 0's silence
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class WorkerConfig:
             raise ValueError(
                 f"attn must be one of {ATTN_IMPLS} and grad_accum >= 1, got {self.attn!r}, {self.grad_accum}"
             )
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         self._check_tls()

@@ -182,6 +182,12 @@ class Node:
             for t in tensors:
                 dist.broadcast(t, src=0)
 
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the ranks."""
         t = torch.tensor([value], dtype=torch.float64, device=self.device)

@@ -5,16 +5,16 @@ ordinary :class:`~dept_worker.loop.Worker`; at each step that involves the whole
 the other ranks a command (``worker.dist``) and they act in lockstep:
 
 - ``setup``: the run's configuration from the join reply and the state dir; every rank builds the
-  same model (same seed), reads its own disjoint shard of the source's training windows and wraps
-  the model in ``DistributedDataParallel``.
+  same model (same seed), reads its own disjoint shard of the source's training windows and holds
+  the model per ``--parallel`` (``worker.replicas``): whole under ``DistributedDataParallel``, or
+  sharded by FSDP2 ``fully_shard`` (the default for the 1.3b preset).
 - ``restore``: the trainer file (model with the private embeddings, AdamW moments, step count)
-  rank 0 found in the state dir, and each rank's data position; every rank loads them.
-- ``sync`` after each verified pull: rank 0 broadcasts its model (the pulled body and the
-  embeddings) to every rank, and each rank records the digest of the body it now holds
-  (``digests-rank{R}.jsonl``).
-- ``train``: the inner steps, data-parallel (each rank its own batches, gradients all-reduced by
-  DDP, so the replicas stay identical); the loss reported is the mean over the ranks. Rank 0 then
-  computes the update once from its replica and pushes it.
+  rank 0 found in the state dir, and each rank's data position; every rank continues from them.
+- ``sync`` after each verified pull: rank 0's model (the pulled body and the embeddings) goes to
+  every rank, and each rank records the digest of the body it then holds (``digests-rank{R}.jsonl``).
+- ``train``: the inner steps, data-parallel (each rank its own batches, gradients averaged across
+  the ranks, so the replicas stay identical); the loss reported is the mean over the ranks. Rank 0
+  then computes the update once from its whole model and pushes it.
 - ``save``: each rank hands rank 0 its data position, which rank 0 saves with the rest of the state.
 - ``stop``: the run ended (or rank 0 failed); every rank exits with rank 0's exit code.
 """
@@ -22,7 +22,6 @@ the other ranks a command (``worker.dist``) and they act in lockstep:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -33,12 +32,8 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from torch.nn.parallel import DistributedDataParallel
 
-from dept_comm.digest import tensors_digest
-from dept_comm.names import BODY_PREFIX
 from dept_comm.pb import service_pb2
-from dept_model import DeptModel
 from dept_model.data import TokenBatches
 from dept_model.tokenizer import vocab_digest
 
@@ -48,17 +43,10 @@ from .device import resolve_device
 from .dist import Node, NodeEnv, NodeError, torchrun_argv
 from .loop import Worker
 from .persist import WorkerState
+from .replicas import Replicas, make_replicas, parallel_mode
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
-
-# Buffers (TRIM's row maps) are the same on every rank and never trained: no broadcast before each
-# forward. torch 2.13 renamed the switch (``broadcast_buffers`` is deprecated there).
-_NO_BUFFER_SYNC: dict[str, Any] = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    else {"broadcast_buffers": False}
-)
 
 
 # -- launching --------------------------------------------------------------------------------------
@@ -106,35 +94,14 @@ def shard_batches(batches: TokenBatches, rank: int, world_size: int) -> TokenBat
 
 def node_setup(
     config: WorkerConfig, run: dict[str, Any], tokenizer: Tokenizer, digest: str, node: Node
-) -> WorkerSetup:
-    """The ordinary worker setup, with this rank's data shard and the model trained through DDP."""
+) -> tuple[WorkerSetup, Replicas]:
+    """The ordinary worker setup with this rank's data shard, the model held per ``--parallel``."""
     setup = build_setup(config, run, tokenizer, digest)
     setup.train_batches = shard_batches(setup.train_batches, node.rank, node.world_size)
-    device_ids = [node.device.index] if node.device.type == "cuda" else None
-    ddp = DistributedDataParallel(setup.model, device_ids=device_ids, **_NO_BUFFER_SYNC)
-    # The trainer keeps stepping its own optimizer over the model's parameters (which DDP shares);
-    # only the forward goes through DDP, whose backward hooks all-reduce the gradients.
-    setup.trainer._forward = torch.compile(ddp) if config.compile else ddp
-    return setup
-
-
-def model_body_digest(model: DeptModel) -> str:
-    """The digest the server publishes for a body, computed from what ``model`` holds."""
-    body = {BODY_PREFIX + k: v.to("cpu", torch.float32) for k, v in model.body_state().items()}
-    return tensors_digest(body).hex()
-
-
-def rank_digests_path(state_dir: Path, rank: int) -> Path:
-    return state_dir / f"digests-rank{rank}.jsonl"
-
-
-def sync_model(node: Node, model: DeptModel, version: int, state_dir: Path) -> str:
-    """Every rank: take rank 0's model (body and embeddings) and record the body's digest."""
-    node.broadcast(t for _, t in sorted(model.state_dict().items()))
-    digest = model_body_digest(model)
-    with open(rank_digests_path(state_dir, node.rank), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"version": version, "body_digest": digest}) + "\n")
-    return digest
+    mode = parallel_mode(config.parallel, str(run["model"]))
+    replicas = make_replicas(mode, node, setup, config.compile)
+    logger.info("node rank=%d trains %s model=%s", node.rank, mode, run["model"])
+    return setup, replicas
 
 
 def rank_positions(data: Mapping[str, Any], world_size: int, where: Path) -> list[dict[str, int]] | None:
@@ -172,8 +139,9 @@ class NodeWorker(Worker):
         reply: service_pb2.JoinReply,
         store: WorkerState,
         node: Node,
+        replicas: Replicas,
     ) -> None:
-        self.node = node  # before Worker.__init__, which restores the state
+        self.node, self.replicas = node, replicas  # before Worker.__init__, which restores the state
         super().__init__(config, client, setup, reply, store)
 
     def _restore(self) -> None:
@@ -181,12 +149,19 @@ class NodeWorker(Worker):
         if saved is None:
             self.node.send("restore", trainer=None, data=None)
             return
-        positions = rank_positions(saved["data"], self.node.world_size, self.store.dir)
-        self.setup.trainer.load(saved["trainer_path"])
+        data = saved["data"]
+        saved_mode = data.get("parallel", "ddp")
+        if saved_mode != self.replicas.mode:
+            raise ValueError(
+                f"{self.store.dir} holds the state of a {saved_mode} node: run with --parallel {saved_mode}"
+            )
+        positions = rank_positions(data, self.node.world_size, self.store.dir)
+        path = str(saved["trainer_path"])
+        self.node.send("restore", trainer=path, data=positions)
+        self.replicas.load(path)
         self.feedback.load_state_dict(saved["feedback"])
         if positions is not None:
             self.setup.train_batches.load_state_dict(positions[0])
-        self.node.send("restore", trainer=str(saved["trainer_path"]), data=positions)
 
     def _save(self, round_idx: int) -> None:
         seq = self.node.send("save", round_idx=round_idx)
@@ -194,19 +169,20 @@ class NodeWorker(Worker):
         positions += [self.node.take_json(f"data/{seq}/{r}") for r in range(1, self.node.world_size)]
         self.store.save(
             round_idx=round_idx,
-            trainer=self.setup.trainer,
+            trainer=self.replicas,
             feedback=self.feedback.state_dict(),
-            data={"world_size": self.node.world_size, "ranks": positions},
+            data={"world_size": self.node.world_size, "parallel": self.replicas.mode, "ranks": positions},
         )
 
     def pull(self, full: bool = False) -> None:
         super().pull(full)
         self.node.send("sync", version=self.replica.version)
-        sync_model(self.node, self.setup.model, self.replica.version, self.store.dir)
+        self.replicas.sync(self.replica.version, self.store.dir)
 
     def train(self) -> tuple[float, int]:
         self.node.send("train", steps=self.config.inner_steps)
         loss, tokens = super().train()
+        self.replicas.after_train()
         self.last_loss = self.node.mean(loss)
         return self.last_loss, tokens * self.node.world_size
 
@@ -231,8 +207,8 @@ def lead(config: WorkerConfig, node: Node) -> int:
             reply = client.join(Worker.join_request(config, digest))
             run_info = json.loads(reply.run_config_json)
             node.send("setup", run=run_info, state_dir=str(state_dir))
-            setup = node_setup(config, run_info, tokenizer, digest, node)
-            code = NodeWorker(config, client, setup, reply, store, node).run()
+            setup, replicas = node_setup(config, run_info, tokenizer, digest, node)
+            code = NodeWorker(config, client, setup, reply, store, node, replicas).run()
         finally:
             client.close()
     finally:
@@ -250,26 +226,28 @@ def follow(config: WorkerConfig, node: Node) -> int:
         raise NodeError(f"expected the node's setup from rank 0, got {command['op']!r}")
     state_dir = Path(command["state_dir"])
     tokenizer = resolve_tokenizer(config, state_dir)  # rank 0 trained and saved it if needed
-    setup = node_setup(config, command["run"], tokenizer, vocab_digest(tokenizer), node)
+    setup, replicas = node_setup(config, command["run"], tokenizer, vocab_digest(tokenizer), node)
     device = torch.device(config.device)
     while True:
         seq, command = node.receive()
         op = command["op"]
         if op == "restore":
             if command["trainer"] is not None:
-                setup.trainer.load(command["trainer"])
+                replicas.load(command["trainer"])
             if command["data"] is not None:
                 setup.train_batches.load_state_dict(command["data"][node.rank])
         elif op == "sync":
-            sync_model(node, setup.model, int(command["version"]), state_dir)
+            replicas.sync(int(command["version"]), state_dir)
         elif op == "train":
             losses = []
             for _ in range(int(command["steps"])):
                 x, y = setup.train_batches.next_batch()
                 losses.append(setup.trainer.step(x.to(device), y.to(device)))
+            replicas.after_train()
             node.mean(sum(losses) / len(losses))
         elif op == "save":
             node.put_json(f"data/{seq}/{node.rank}", setup.train_batches.state_dict())
+            replicas.save(None)
         elif op == "stop":
             return int(command["code"])
         else:

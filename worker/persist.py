@@ -7,14 +7,18 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dept_model import Trainer
-
 logger = logging.getLogger(__name__)
+
+
+class TrainerFile(Protocol):
+    """What writes the trainer file: a ``dept_model.Trainer``, or a node's replicas (worker.replicas)."""
+
+    def save(self, path: str | os.PathLike[str], *, include_model: bool = True) -> None: ...
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -52,7 +56,7 @@ class WorkerState:
         self,
         *,
         round_idx: int,
-        trainer: Trainer,
+        trainer: TrainerFile,
         feedback: dict[str, torch.Tensor],
         data: Mapping[str, Any],
     ) -> None:

@@ -133,13 +133,15 @@ def check_rounds(recs: list[dict[str, Any]], num_rounds: int, state_dir: Path) -
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_node_trains_two_rounds_as_one_worker(
-    vocabs: dict[str, Path], tmp_path: Path, nodes: list[subprocess.Popen[bytes]]
+    parallel: str, vocabs: dict[str, Path], tmp_path: Path, nodes: list[subprocess.Popen[bytes]]
 ) -> None:
     server = Server(server_args("trim", vocabs["global"], tmp_path, rounds=2), tmp_path / "server.log")
     state_dir = tmp_path / f"w-{NODE_SOURCE}"
     node_log = tmp_path / "node.log"
-    node = start_node(nodes, worker_args(server.port, NODE_SOURCE, vocabs["global"], tmp_path), node_log)
+    args = [*worker_args(server.port, NODE_SOURCE, vocabs["global"], tmp_path), "--parallel", parallel]
+    node = start_node(nodes, args, node_log)
     other = start_worker(
         worker_args(server.port, OTHER_SOURCE, vocabs["global"], tmp_path), tmp_path / "other.log"
     )
@@ -154,17 +156,19 @@ def test_torchrun_node_trains_two_rounds_as_one_worker(
     assert windows == [2 * INNER_STEPS * BATCH] * RANKS, "each rank reads its own batches at every step"
     text = node_log.read_text()
     assert f"world_size={RANKS}" in text and text.count("finished source=sw") == 1, text[-3000:]
+    assert text.count(f"trains {parallel} model=tiny") == RANKS
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_node_killed_rank_restarts_from_its_state(
-    vocabs: dict[str, Path], tmp_path: Path, nodes: list[subprocess.Popen[bytes]]
+    parallel: str, vocabs: dict[str, Path], tmp_path: Path, nodes: list[subprocess.Popen[bytes]]
 ) -> None:
     rounds = 3
     server = Server(server_args("spec", vocabs["global"], tmp_path, rounds=rounds), tmp_path / "server.log")
     state_dir = tmp_path / f"w-{NODE_SOURCE}"
     node_log = tmp_path / "node.log"
-    args = worker_args(server.port, NODE_SOURCE, vocabs["global"], tmp_path)
+    args = [*worker_args(server.port, NODE_SOURCE, vocabs["global"], tmp_path), "--parallel", parallel]
     node = start_node(nodes, args, node_log)
     # Round 0 cannot close before the second worker joins: once the node saved its round-0 state
     # it waits for the round with every rank alive, and one of them is killed there.
@@ -189,3 +193,24 @@ def test_torchrun_node_killed_rank_restarts_from_its_state(
     assert saved_round == rounds - 1 and step == rounds * INNER_STEPS
     assert windows == [rounds * INNER_STEPS * BATCH] * RANKS
     assert "restored worker state round=0" in node_log.read_text()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(RANKS < 2, reason="needs a rank besides rank 0")
+def test_torchrun_ranks_give_up_on_a_silent_rank_0(
+    vocabs: dict[str, Path], tmp_path: Path, nodes: list[subprocess.Popen[bytes]]
+) -> None:
+    server = Server(server_args("spec", vocabs["global"], tmp_path, rounds=2), tmp_path / "server.log")
+    state_dir = tmp_path / f"w-{NODE_SOURCE}"
+    node_log = tmp_path / "node.log"
+    args = [*worker_args(server.port, NODE_SOURCE, vocabs["global"], tmp_path), "--dist-timeout", "10"]
+    node = start_node(nodes, args, node_log)
+    wait_for((state_dir / "progress.json").exists, 240, "the node's round-0 state")
+    leader = rank_pid(node, 0)
+    os.kill(leader, signal.SIGSTOP)  # hung: no command, no sign of life, and torchrun sees it running
+    try:
+        wait_for(lambda: "no sign of life" in node_log.read_text(), 120, "the other ranks to give up")
+    finally:
+        os.kill(leader, signal.SIGCONT)  # let it take torchrun's SIGTERM
+    assert node.wait(timeout=120) != 0
+    server.kill()
