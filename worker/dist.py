@@ -105,6 +105,7 @@ class Node:
             "dept-node/", dist.distributed_c10d._get_default_store()
         )
         self._seq = 0
+        self._forgotten = 0  # commands below this sequence number were deleted from the store
         self._stop_beats = threading.Event()
         self._beats: threading.Thread | None = None
         if self.is_leader:
@@ -143,6 +144,12 @@ class Node:
         self._store.set(f"cmd/{seq}", json.dumps({"op": op, **fields}))
         self._seq += 1
         return seq
+
+    def forget(self, upto: int) -> None:
+        """Rank 0: delete commands up to ``upto`` from the store, once every rank has read them."""
+        for seq in range(self._forgotten, upto + 1):
+            self._store.delete_key(f"cmd/{seq}")
+        self._forgotten = max(self._forgotten, upto + 1)
 
     def receive(self) -> tuple[int, dict[str, Any]]:
         """A follower: wait for rank 0's next command; returns (sequence number, command).

@@ -167,6 +167,7 @@ class NodeWorker(Worker):
         seq = self.node.send("save", round_idx=round_idx)
         positions = [self.setup.train_batches.state_dict()]
         positions += [self.node.take_json(f"data/{seq}/{r}") for r in range(1, self.node.world_size)]
+        self.node.forget(seq)  # every rank answered this command, so it read all before it
         self.store.save(
             round_idx=round_idx,
             trainer=self.replicas,
@@ -212,7 +213,10 @@ def lead(config: WorkerConfig, node: Node) -> int:
         finally:
             client.close()
     finally:
-        node.send("stop", code=code)
+        try:
+            node.send("stop", code=code)
+        except RuntimeError as err:  # the store is gone: torchrun is stopping the node anyway
+            logger.warning("could not tell the other ranks to stop: %s", err)
     return code
 
 
@@ -256,6 +260,10 @@ def follow(config: WorkerConfig, node: Node) -> int:
 
 def run_node(config: WorkerConfig, env: NodeEnv) -> int:
     """Run this process's rank of a torchrun worker (``config.device`` already resolved)."""
+    for handler in logging.getLogger().handlers:  # the ranks share one stderr: say whose line it is
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s [rank{env.rank}] %(name)s %(message)s")
+        )
     node = Node(env, torch.device(config.device), timeout_s=config.dist_timeout_s)
     try:
         return lead(config, node) if node.is_leader else follow(config, node)
