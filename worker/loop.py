@@ -37,7 +37,7 @@ from dept_model.tokenizer import vocab_digest
 from .client import ServerClient, stream_idle_for
 from .config import WorkerConfig
 from .device import resolve_device
-from .persist import WorkerState
+from .persist import WorkerState, single_process_position
 from .replica import Replica
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
 
@@ -78,14 +78,10 @@ class Worker:
         saved = self.store.load()
         if saved is None:
             return
+        position = single_process_position(saved["data"], self.store.dir)  # also a 1-rank node's
         self.setup.trainer.load(saved["trainer_path"])
         self.feedback.load_state_dict(saved["feedback"])
-        if "ranks" in saved["data"]:  # one data position per rank: written by a torchrun worker (.node)
-            n = len(saved["data"]["ranks"])
-            raise ValueError(
-                f"{self.store.dir} holds a {n}-rank worker's state: run it with --nproc-per-node {n}"
-            )
-        self.setup.train_batches.load_state_dict(saved["data"])
+        self.setup.train_batches.load_state_dict(position)
 
     def _save(self, round_idx: int) -> None:
         self.store.save(

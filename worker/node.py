@@ -107,6 +107,8 @@ def node_setup(
 def rank_positions(data: Mapping[str, Any], world_size: int, where: Path) -> list[dict[str, int]] | None:
     """Each rank's saved data position, or None (with a warning) when they cannot be reused."""
     ranks = data.get("ranks")
+    if not isinstance(ranks, list) and world_size == 1:  # a single-process worker's: the same stream
+        return [dict(data)]
     if not isinstance(ranks, list):
         logger.warning(
             "%s holds a single-process worker's state: the data position of each of the %d shards "

@@ -87,3 +87,22 @@ class WorkerState:
         out["feedback"] = load_file(str(self.dir / f"feedback-{tag}.safetensors"))
         logger.info("restored worker state round=%d from %s", progress["round_idx"], self.dir)
         return out
+
+
+def single_process_position(data: Mapping[str, Any], where: Path) -> dict[str, int]:
+    """The data position a single-process worker continues from: its own, or a 1-rank DDP node's
+    (whose one shard is the whole stream); a node of more ranks, or an FSDP one, needs torchrun.
+
+    Raises:
+        ValueError: the state belongs to a node this process cannot continue.
+    """
+    ranks = data.get("ranks")
+    if ranks is None:
+        return dict(data)
+    mode = data.get("parallel", "ddp")
+    if len(ranks) == 1 and mode == "ddp":
+        return dict(ranks[0])
+    raise ValueError(
+        f"{where} holds the state of a {len(ranks)}-rank {mode} node: run it under torchrun with "
+        f"--nproc-per-node {len(ranks)} --parallel {mode}"
+    )

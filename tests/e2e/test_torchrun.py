@@ -179,7 +179,7 @@ def test_torchrun_node_killed_rank_restarts_from_its_state(
     assert killed_round == 0 and killed_step == INNER_STEPS
     assert killed_windows == [INNER_STEPS * BATCH] * RANKS
 
-    node = start_node(nodes, args, node_log, via_cli=True)
+    node = start_node(nodes, args, node_log, via_cli=RANKS > 1)  # dept-worker runs one rank itself
     other = start_worker(
         worker_args(server.port, OTHER_SOURCE, vocabs["global"], tmp_path), tmp_path / "other.log"
     )

@@ -15,6 +15,7 @@ from dept_worker.cli import main as worker_main
 from dept_worker.device import check_device, resolve_device
 from dept_worker.dist import torchrun_argv
 from dept_worker.node import rank_positions, shard_batches
+from dept_worker.persist import single_process_position
 
 
 @pytest.mark.parametrize("spec", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
@@ -123,4 +124,15 @@ def test_saved_positions_reused_only_for_the_same_rank_count(caplog: pytest.LogC
     assert rank_positions({"world_size": 2, "ranks": [pos, pos]}, 2, Path("d")) == [pos, pos]
     assert rank_positions({"world_size": 2, "ranks": [pos, pos]}, 4, Path("d")) is None
     assert rank_positions(pos, 2, Path("d")) is None
+    assert rank_positions(pos, 1, Path("d")) == [pos]  # one rank reads the whole stream, as one process
     assert "single-process" in caplog.text and "2-rank worker" in caplog.text
+
+
+def test_a_single_process_continues_a_one_rank_ddp_node_only() -> None:
+    pos = {"epoch": 1, "position": 4, "seed": 1, "seq_len": 8, "num_windows": 20}
+    assert single_process_position(pos, Path("d")) == pos
+    assert single_process_position({"world_size": 1, "ranks": [pos]}, Path("d")) == pos
+    with pytest.raises(ValueError, match="--nproc-per-node 2 --parallel ddp"):
+        single_process_position({"world_size": 2, "ranks": [pos, pos]}, Path("d"))
+    with pytest.raises(ValueError, match="--nproc-per-node 1 --parallel fsdp"):
+        single_process_position({"world_size": 1, "parallel": "fsdp", "ranks": [pos]}, Path("d"))
