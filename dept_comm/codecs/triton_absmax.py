@@ -22,9 +22,11 @@ import torch
 import triton  # type: ignore[import-not-found,import-untyped,unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-_MIN_SCALE = 2.0**-126
-_NAN_BITS = 0x7FC00000
-_MAGIC = 12582912.0  # 1.5 * 2**23
+# Globals a kernel reads must be constexpr.
+_MIN_SCALE = tl.constexpr(2.0**-126)
+_NAN_BITS = tl.constexpr(0x7FC00000)
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+_EXP_MASK = tl.constexpr(0x7F800000)  # all exponent bits set: Inf or NaN
 _TILE = 4096  # elements per program (ROWS blocks of the block size)
 
 
@@ -59,11 +61,10 @@ def _absmax_encode_kernel(  # type: ignore[no-untyped-def,unused-ignore]
     if HAS_R:
         xe = xe + tl.load(r_ptr + e, mask=me, other=0.0)
         xo = xo + tl.load(r_ptr + o, mask=mo, other=0.0)
-    ae = tl.abs(xe)
-    ao = tl.abs(xo)
-    bad = ((xe != xe) | (ae == float("inf")) | (xo != xo) | (ao == float("inf"))).to(tl.int32)
-    nonfinite = tl.max(bad, axis=1) > 0
-    absmax = tl.maximum(tl.max(ae, axis=1), tl.max(ao, axis=1))
+    bad_e = (xe.to(tl.int32, bitcast=True) & _EXP_MASK) == _EXP_MASK
+    bad_o = (xo.to(tl.int32, bitcast=True) & _EXP_MASK) == _EXP_MASK
+    nonfinite = tl.max((bad_e | bad_o).to(tl.int32), axis=1) > 0
+    absmax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
     absmax = tl.where(nonfinite, 0.0, absmax)
     s = tl.math.div_rn(absmax, tl.full(absmax.shape, QMAX, tl.float32))
     bits = s.to(tl.int32, bitcast=True)
