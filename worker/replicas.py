@@ -2,10 +2,10 @@
 
 Both keep rank 0's ``setup.model`` a whole, ordinary :class:`DeptModel` (what the round loop
 pulls into, evaluates, and computes the update from) and give every rank the same four steps,
-each a collective that every rank enters together:
+which every rank calls together (each is a collective where the mode needs one):
 
-- ``sync``: every rank takes rank 0's model (after a pull) and records the digest of the body it
-  then holds (``digests-rank{R}.jsonl``);
+- ``sync``: every rank takes rank 0's model (after a pull) and records the digests of the body
+  and of the whole model it then holds (``digests-rank{R}.jsonl``);
 - ``after_train``: rank 0's whole model catches up with the trained one;
 - ``save``: rank 0 writes the trainer file (model, optimizer state, step);
 - ``load``: every rank continues from such a file.
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dept_comm.digest import tensors_digest
 from dept_comm.names import BODY_PREFIX
-from dept_model import DeptModel, Trainer
+from dept_model import Trainer
 from dept_model.state import load_state, save_state
 
 from .dist import Node
@@ -62,18 +62,19 @@ def body_digest(state: Mapping[str, Any]) -> str:
     return tensors_digest(body).hex()
 
 
-def model_body_digest(model: DeptModel) -> str:
-    """The digest the server publishes for a body, computed from what ``model`` holds."""
-    return body_digest({BODY_PREFIX + k: v for k, v in model.body_state().items()})
-
-
 def rank_digests_path(state_dir: Path, rank: int) -> Path:
     return state_dir / f"digests-rank{rank}.jsonl"
 
 
-def record_rank_digest(state_dir: Path, rank: int, version: int, digest: str) -> None:
+def record_rank_digest(state_dir: Path, rank: int, version: int, state: Mapping[str, Any]) -> str:
+    """Append what this rank holds after a pull: the body's digest (the server's ``body_digest``)
+    and the whole model's (embeddings included); returns the body's."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    body = body_digest(tensors)
+    row = {"version": version, "body_digest": body, "model_digest": tensors_digest(tensors).hex()}
     with open(rank_digests_path(state_dir, rank), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"version": version, "body_digest": digest}) + "\n")
+        f.write(json.dumps(row) + "\n")
+    return body
 
 
 class DdpReplicas:
@@ -90,10 +91,9 @@ class DdpReplicas:
         setup.trainer._forward = torch.compile(ddp) if compile_step else ddp
 
     def sync(self, version: int, state_dir: Path) -> str:
-        self.node.broadcast(t for _, t in sorted(self.setup.model.state_dict().items()))
-        digest = model_body_digest(self.setup.model)
-        record_rank_digest(state_dir, self.node.rank, version, digest)
-        return digest
+        state = self.setup.model.state_dict()
+        self.node.broadcast(t for _, t in sorted(state.items()))
+        return record_rank_digest(state_dir, self.node.rank, version, state)
 
     def after_train(self) -> None:
         """Nothing to do: rank 0's model is the one trained."""
@@ -137,10 +137,7 @@ class FsdpReplicas:
         )
         # Reassemble the shards on every rank: proof that each holds its part of the pulled body.
         gathered = get_model_state_dict(self.sharded, options=StateDictOptions(full_state_dict=True))
-        digest = body_digest(gathered)
-        del gathered
-        record_rank_digest(state_dir, self.node.rank, version, digest)
-        return digest
+        return record_rank_digest(state_dir, self.node.rank, version, gathered)
 
     def after_train(self) -> None:
         full = get_model_state_dict(
