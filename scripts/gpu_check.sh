@@ -118,8 +118,8 @@ run_stage "codecs $DEV" 90 "$LOG" "$BENCH codecs --json --quick $CODEC_DEV >$OUT
 run_stage "step $STEP2" 170 "$LOG" "$BENCH step --json --device $DEV --presets $STEP2 >$OUT/step_$STEP2.json"
 # The tests and the loopback run side by side: both are small on the GPU and mostly compile or wait.
 run_stage "gpu tests + e2e cuda workers" 170 "$LOG" "
-  python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs tests/unit >$OUT/tests.log 2>&1 &
-  DEPT_TEST_DEVICE=$TEST_DEV python3 -m pytest -q -p no:cacheprovider -rfE \
+  python3 -m pytest -v -p no:cacheprovider -m gpu -rfE tests/unit >$OUT/tests.log 2>&1 &
+  DEPT_TEST_DEVICE=$TEST_DEV python3 -m pytest -v -p no:cacheprovider -rfE \
     'tests/e2e/test_rounds.py::test_two_workers_two_rounds[glob]' >$OUT/e2e.log 2>&1 &
   wait -n; a=\$?; wait -n; b=\$?; exit \$((a | b))"
 if [ -n "$TORCHRUN_NCCL_CMD" ]; then
@@ -205,7 +205,11 @@ else:
 for title, name in (("gpu tests", "tests.log"), ("e2e", "e2e.log")):
     lines = tail(f"{out}/{name}", 400)
     print(f"-- {title}: {lines[-1][:200]}")
-    for line in [x for x in lines[:-1] if x.startswith(("FAILED", "ERROR"))][:12]:
+    for line in lines[:-1]:  # -v: one line per test (also what ran before a timeout)
+        m = re.match(r"(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", line)
+        if m:
+            print(f"  {m.group(2):7} {m.group(1)[-110:]}")
+    for line in [x for x in lines[:-1] if x.startswith(("FAILED", "ERROR", "E  "))][:12]:
         print(" ", line[:220])
 print("-- stages (name | state | seconds | detail) --")
 for line in tail(f"{out}/.stages", 100):

@@ -146,12 +146,13 @@ def test_activation_checkpointing_equals_plain_step() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_step", [False, True])
-def test_cuda_flex_step_matches_sdpa(compile_step: bool) -> None:
+def test_cuda_flex_step_matches_sdpa() -> None:
+    # Eager model, compiled flex kernel; the fully compiled pair is compared by dept-bench step
+    # (loss_step0_gap: the same weights and batch for every implementation).
     init = build_model(model_preset("small"), Variant.GLOB, vocab_size=512, seed=0)
     losses: dict[str, list[float]] = {}
     for impl in ("sdpa", "flex"):
-        cfg = TrainConfig(lr=1e-3, warmup_steps=1, total_steps=10, attn_impl=impl, compile=compile_step)
+        cfg = TrainConfig(lr=1e-3, warmup_steps=1, total_steps=10, attn_impl=impl)
         trainer = Trainer(copy.deepcopy(init), cfg, "cuda")
         losses[impl] = [trainer.step(*_batch(512, 4, 256, seed=s)) for s in range(4)]
     assert losses["flex"] == pytest.approx(losses["sdpa"], rel=2e-2), losses
