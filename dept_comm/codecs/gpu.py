@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812 (the universal PyTorch alias)
 
 from dept_comm.codecs._absmax import MIN_SCALE, AbsmaxCodec
 from dept_comm.codecs._common import check_float_dtype, finish, numel_of, seal, unseal
@@ -81,6 +80,15 @@ def _layout(codec: AbsmaxCodec, n: int) -> tuple[int, int, int]:
     return block, nblocks, codec._value_bytes(n)
 
 
+def _padded(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` followed by zeros up to ``length`` elements (no copy when it already has them)."""
+    if t.numel() == length:
+        return t
+    out = t.new_zeros(length)
+    out[: t.numel()] = t
+    return out
+
+
 def _encode_torch(
     target: torch.Tensor, codec: AbsmaxCodec, scales: torch.Tensor, values: torch.Tensor
 ) -> torch.Tensor:
@@ -88,7 +96,7 @@ def _encode_torch(
     the decoded values (float32, ``target``'s length)."""
     n = target.numel()
     block, nblocks, _ = _layout(codec, n)
-    xb = F.pad(target, (0, nblocks * block - n)).view(nblocks, block)  # zeros do not change absmax
+    xb = _padded(target, nblocks * block).view(nblocks, block)  # zeros do not change absmax
     nonfinite = ~torch.isfinite(xb).all(dim=1)
     absmax = torch.where(nonfinite, 0.0, xb.abs().amax(dim=1))
     bits = (absmax / torch.full_like(absmax, codec.qmax)).view(torch.int32)
@@ -121,9 +129,65 @@ def _decode_body(codec: AbsmaxCodec, scales: torch.Tensor, values: torch.Tensor,
         b = values.to(torch.int32)
         nib = torch.stack((b & 15, b >> 4), dim=1).view(-1)
         q = (nib - ((nib & 8) << 1)).to(torch.float32)  # sign-extend the two's-complement nibbles
-    q = F.pad(q[:n], (0, nblocks * block - n)).view(nblocks, block)
+    q = _padded(q[:n], nblocks * block).view(nblocks, block)
     out: torch.Tensor = (q * scale[:, None]).view(-1)[:n]
     return out
+
+
+def _check_encodable(codec: Codec, x: torch.Tensor) -> AbsmaxCodec:
+    if not isinstance(codec, AbsmaxCodec):
+        raise ManifestMismatchError(f"codec {codec.name} has no device encoder (int8/int4 only)")
+    if not x.dtype.is_floating_point:
+        raise ManifestMismatchError(f"float codecs cannot encode dtype {x.dtype}")
+    return codec
+
+
+def encode_into(
+    codec: Codec,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    update_residual: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    impl: str = "auto",
+) -> None:
+    """The device part of :func:`encode_on_device`: write the body (scale bits, then the value bytes)
+    into ``out[1:]`` (uint8 on ``x``'s device, ``1 + body`` bytes; ``out[0]`` is left for the mode
+    byte) and the new residual into ``update_residual`` if given. ``x`` is flat and non-empty."""
+    absmax = _check_encodable(codec, x)
+    flat = x.detach().reshape(-1)
+    flat = (flat if flat.dtype == torch.float32 else flat.to(torch.float32)).contiguous()
+    n = flat.numel()
+    _, nblocks, _ = _layout(absmax, n)
+    scales = torch.empty(nblocks, dtype=torch.int16, device=flat.device)
+    values = out[1 + 2 * nblocks :]
+    r = residual.reshape(-1) if residual is not None else None
+    if resolve_impl(impl, flat.device) == "triton":
+        module = triton_module()
+        assert module is not None
+        module.encode_triton(
+            flat,
+            r,
+            update_residual.view(-1) if update_residual is not None else None,
+            scales,
+            values,
+            block=absmax.params.block_size,
+            qmax=absmax.qmax,
+            bits=absmax.bits,
+        )
+    else:
+        target = flat if r is None else flat + r
+        decoded = _encode_torch(target, absmax, scales, values)
+        if update_residual is not None:
+            torch.sub(target, decoded, out=update_residual.view(-1))
+    out[1 : 1 + 2 * nblocks] = scales.view(torch.uint8)
+
+
+def body_buffer(codec: Codec, numel: int, device: torch.device | str) -> torch.Tensor:
+    """An uninitialised ``1 + body`` byte buffer for :func:`encode_into`."""
+    absmax = _check_encodable(codec, torch.empty(0))
+    _, nblocks, value_bytes = _layout(absmax, numel)
+    return torch.empty(1 + 2 * nblocks + value_bytes, dtype=torch.uint8, device=device)
 
 
 def encode_on_device(
@@ -139,47 +203,18 @@ def encode_on_device(
     ``x`` (any float dtype, any device) is read as float32; ``residual`` (float32, same device,
     same number of elements) is added first. If ``update_residual`` is given (float32, same device;
     it may be ``residual`` itself) it receives ``x + residual - decoded``, as ``ErrorFeedback`` keeps.
+    Only the packed body crosses to the host, where ``seal`` adds the codec's zstd stage.
 
     Raises:
         ManifestMismatchError: ``codec`` is not a blockwise absmax codec, or a non-float ``x``.
     """
-    if not isinstance(codec, AbsmaxCodec):
-        raise ManifestMismatchError(f"codec {codec.name} has no device encoder (int8/int4 only)")
-    if not x.dtype.is_floating_point:
-        raise ManifestMismatchError(f"float codecs cannot encode dtype {x.dtype}")
-    device = x.device
-    flat = x.detach().reshape(-1)
-    flat = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
-    flat = flat.contiguous()
-    n = flat.numel()
-    if n == 0:
+    absmax = _check_encodable(codec, x)
+    if x.numel() == 0:
         return b""
-    _, nblocks, value_bytes = _layout(codec, n)
-    out = torch.empty(1 + 2 * nblocks + value_bytes, dtype=torch.uint8, device=device)
-    scales = torch.empty(nblocks, dtype=torch.int16, device=device)
-    values = out[1 + 2 * nblocks :]
-    r = residual.reshape(-1) if residual is not None else None
-    if resolve_impl(impl, device) == "triton":
-        module = triton_module()
-        assert module is not None
-        module.encode_triton(
-            flat,
-            r,
-            update_residual.view(-1) if update_residual is not None else None,
-            scales,
-            values,
-            block=codec.params.block_size,
-            qmax=codec.qmax,
-            bits=codec.bits,
-        )
-    else:
-        target = flat if r is None else flat + r
-        decoded = _encode_torch(target, codec, scales, values)
-        if update_residual is not None:
-            torch.sub(target, decoded, out=update_residual.view(-1))
-    out[1 : 1 + 2 * nblocks] = scales.view(torch.uint8)
+    out = body_buffer(absmax, x.numel(), x.device)
+    encode_into(absmax, x, residual, update_residual, out, impl=impl)
     host = out.cpu().numpy()  # the only device-to-host copy: the packed body
-    return seal(host, codec.params.zstd_level)
+    return seal(host, absmax.params.zstd_level)
 
 
 def decode_on_device(
