@@ -189,5 +189,9 @@ def test_cuda_grad_accumulation_with_checkpointing_equals_large_batch() -> None:
     )
     for s in range(2):
         x, y = _batch(256, 8, 128, seed=s)
+        (lb, gb), (la, ga) = _grads(big, x, y), _grads(acc, x, y)
+        assert la == pytest.approx(lb, rel=1e-5)
+        for g_big, g_acc in zip(gb, ga, strict=True):
+            assert (g_acc - g_big).abs().max().item() <= 1e-4 * g_big.abs().max().item() + 1e-12
         assert acc.step(x, y) == pytest.approx(big.step(x, y), rel=1e-4)
-    assert _max_param_diff(big, acc) < 1e-5
+    assert _max_param_diff(big, acc) < 0.02 * 3e-3  # Adam amplifies rounding of near-zero gradients
