@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import sys
@@ -32,9 +33,20 @@ def main() -> None:
 def _command(name: str, module: str) -> click.Command:
     @click.option("--json", "as_json", is_flag=True, help="Print compact JSON (one line).")
     @click.option("--quick", is_flag=True, help="Smaller inputs, for smoke tests.")
-    def command(as_json: bool, quick: bool) -> None:
+    @click.option(
+        "--device", default=None, help="cpu or cuda (step, codecs) [default: the benchmark's choice]."
+    )
+    @click.option("--presets", default=None, help="step: comma-separated presets, e.g. 125m,350m.")
+    def command(as_json: bool, quick: bool, device: str | None, presets: str | None) -> None:
         run = importlib.import_module(module).run
-        _emit(run(quick=quick), as_json)
+        accepted = inspect.signature(run).parameters
+        options: dict[str, Any] = {"quick": quick}
+        for key, value in (("device", device), ("presets", presets)):
+            if value is not None:
+                if key not in accepted:
+                    raise click.UsageError(f"dept-bench {name} takes no --{key}")
+                options[key] = value
+        _emit(run(**options), as_json)
 
     command.__doc__ = f"Run the {name} benchmark."
     return click.command(name)(command)
@@ -42,3 +54,7 @@ def _command(name: str, module: str) -> click.Command:
 
 for _name, _module in _BENCHMARKS.items():
     main.add_command(_command(_name, _module))
+
+
+if __name__ == "__main__":
+    main()

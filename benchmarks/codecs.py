@@ -27,7 +27,15 @@ import torch
 import zstandard
 from torch import nn
 
-from dept_comm.codecs import codec_names, get_codec
+from dept_comm.codecs import CodecParams, codec_names, get_codec
+from dept_comm.codecs.gpu import (
+    IMPLS,
+    body_buffer,
+    decode_on_device,
+    encode_into,
+    encode_on_device,
+    resolve_impl,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,7 @@ class _Setup:
 
 FULL = _Setup(16 << 20, 128, 2, 4, 128, 8, 100, 1e-3, 4 << 20, 3, 5)
 QUICK = _Setup(1 << 20, 64, 1, 2, 64, 4, 20, 1e-3, 1 << 20, 2, 3)
+DEVICE_NUMEL = 1 << 26  # 256 MB of float32 on the device (also with --quick: smaller inputs time launches)
 
 
 class _ByteLM(nn.Module):
@@ -151,8 +160,82 @@ def _measure(name: str, tensors: Sequence[torch.Tensor], repeats: int) -> dict[s
     }
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    """Measure every registered codec on ``random`` and ``pseudo_gradient`` inputs."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_synced(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _device_rows(numel: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """int8/int4 quantisation on ``device``, per implementation (Triton kernel, torch ops).
+
+    * ``kernel_GBps``: the device work alone (input + residual in, body + new residual out);
+    * ``encode_GBps``: payload bytes on the host without a zstd stage (kernel + the device-to-host
+      copy of the packed body), i.e. what the host receives;
+    * ``payload_GBps``: the codec's default payload (zstd level 1 on the host where it pays);
+    * ``decode_GBps``: payload (no zstd) to a float32 tensor on the device (host-to-device copy
+      of the body + decode);
+    * ``bytes_identical_to_cpu``: the default payload equals the CPU codec's, byte for byte.
+
+    GB/s: float32 input bytes (numel * 4) / 1e9 per second.
+    """
+    gen = torch.Generator().manual_seed(3)
+    x_cpu = torch.randn(numel, generator=gen)
+    x = x_cpu.to(device)
+    rows: list[dict[str, Any]] = []
+    for name in ("int8", "int4"):
+        cpu_payload = get_codec(name).encode(x_cpu)
+        for impl in IMPLS[1:]:
+            row: dict[str, Any] = {"codec": name, "impl": impl, "numel": numel, "device": str(device)}
+            try:
+                resolve_impl(impl, device)
+            except ValueError as err:
+                rows.append(row | {"error": str(err)})
+                continue
+            rows.append(row | _device_row(name, impl, x, cpu_payload, repeats))
+    return rows
+
+
+def _device_row(name: str, impl: str, x: torch.Tensor, cpu_payload: bytes, repeats: int) -> dict[str, Any]:
+    device, numel = x.device, x.numel()
+    default = get_codec(name)
+    plain = get_codec(name, CodecParams(block_size=default.params.block_size, zstd_level=0, bits=0))
+    residual = torch.zeros(numel, device=device)
+    out = body_buffer(plain, numel, device)
+    gb = numel * 4 / 1e9
+    t_kernel = _best_synced(
+        lambda: encode_into(plain, x, residual, residual, out, impl=impl), repeats, device
+    )
+    t_encode = _best_synced(lambda: encode_on_device(plain, x, impl=impl), repeats, device)
+    t_payload = _best_synced(lambda: encode_on_device(default, x, impl=impl), repeats, device)
+    payload = encode_on_device(plain, x, impl=impl)
+    t_decode = _best_synced(
+        lambda: decode_on_device(plain, payload, (numel,), device=device), repeats, device
+    )
+    return {
+        "kernel_GBps": round(gb / t_kernel, 2),
+        "encode_GBps": round(gb / t_encode, 2),
+        "payload_GBps": round(gb / t_payload, 2),
+        "decode_GBps": round(gb / t_decode, 2),
+        "bytes_identical_to_cpu": encode_on_device(default, x, impl=impl) == cpu_payload,
+    }
+
+
+def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Measure every registered codec on ``random`` and ``pseudo_gradient`` inputs; with a
+    ``device`` other than ``cpu``, also int8/int4 quantisation on that device (``device_codecs``)."""
+    dev = torch.device(device)
     s = QUICK if quick else FULL
     started = time.perf_counter()
     threads = torch.get_num_threads()
@@ -172,8 +255,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                 results.append(row)
     finally:
         torch.set_num_threads(threads)
+    device_rows = _device_rows(DEVICE_NUMEL, dev, s.repeats_random + 2) if dev.type != "cpu" else []
     return {
         "codecs": results,
+        "device_codecs": device_rows,
         "config": {
             "quick": quick,
             "random": {
@@ -191,6 +276,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "python": platform.python_version(),
             },
             "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
             "seconds": round(time.perf_counter() - started, 1),
         },
         "threads": 1,

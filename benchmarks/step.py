@@ -6,6 +6,7 @@ import copy
 import ctypes
 import dataclasses
 import gc
+import json
 import logging
 import os
 import statistics
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dept_model.config import model_preset
+from dept_model.config import ModelConfig, model_preset
 from dept_model.model import DeptModel
 from dept_model.reference import ReferenceModel, ReferenceTrainer, reference_from
 from dept_model.train import TrainConfig, Trainer
@@ -34,6 +35,54 @@ SETUPS = {"tiny": (2048, 8, 128), "small": (8192, 8, 256)}
 CUDA_SETUPS = {"125m": (50304, 4, 2048)}
 LOSS_STEPS = 10
 THREADS = 2
+
+# The fast-step benchmark (``--presets``, and the default on CUDA): preset -> (vocab, batch, seq_len).
+FAST_SETUPS = {
+    "tiny": (2048, 8, 128),
+    "small": (8192, 8, 256),
+    "125m": (50304, 32, 2048),
+    "350m": (50304, 16, 2048),
+    "1.3b": (50304, 8, 2048),
+}
+# (attention, compiled): compiled first, the figures that matter, in case a stage runs out of time.
+FAST_IMPLS = (("flex", True), ("sdpa", True), ("flex", False), ("sdpa", False))
+
+# Dense bf16 tensor-core peak FLOP/s by device name (vendor datasheets, no sparsity); the longest
+# key found in ``torch.cuda.get_device_name()`` wins (so "H100 PCIe" beats "H100").
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "GH200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+}
+
+FLOP_FORMULA = (
+    "training FLOPs per token = 6 * N + 12 * L * H * Dh * T (PaLM, Chowdhery et al. 2022, app. B): "
+    "N = parameters that enter matmuls = L * (4 * D^2 + 2 * D * F) body matrices + V * D tied output "
+    "projection (the embedding lookup, norms and biases are not counted); 12 * L * H * Dh * T = QK^T and "
+    "AV, forward and backward, over the full T x T square (causal attention needs half of it: mfu_causal "
+    "counts 6 * L * H * Dh * T instead); mfu = tokens/s * FLOPs per token / the device's dense bf16 peak"
+)
+
+
+def train_flops_per_token(config: ModelConfig, vocab: int, seq_len: int, *, causal: bool = False) -> float:
+    """Training FLOPs per token of the body + tied head, as :data:`FLOP_FORMULA` states."""
+    D, F, L = config.d_model, config.d_ff, config.n_layers
+    n_matmul = L * (4 * D * D + 2 * D * F) + vocab * D
+    attention = (6 if causal else 12) * L * config.n_heads * config.head_dim * seq_len
+    return float(6 * n_matmul + attention)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a device by name (:data:`PEAK_BF16_FLOPS`), None when unknown."""
+    found = [key for key in PEAK_BF16_FLOPS if key in device_name]
+    return PEAK_BF16_FLOPS[max(found, key=len)] if found else None
 
 
 @dataclass
@@ -279,14 +328,160 @@ def _acceptance(results: list[dict[str, Any]], preset: str) -> dict[str, Any]:
     }
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    """Benchmark ``tiny`` and ``small``: reference, eager and compiled steps on the same data and weights.
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    ``tokens_per_s`` uses the median step time after warm-up steps; ``loss_after_10`` is the loss on
-    a held-out batch after 10 optimizer steps; ``peak_mem_mb`` is weights + optimizer state + the
-    transient peak of one step (RSS on CPU, allocator peak on CUDA).
+
+def _fast_one(
+    preset: str,
+    init: DeptModel,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    attn: str,
+    compiled: bool,
+    device: torch.device,
+    steps: tuple[int, int],
+) -> dict[str, Any]:
+    """Warm-up then timed steps of one implementation; bf16 autocast on CUDA (the Trainer's default)."""
+    warm, timed = steps
+    cfg = TrainConfig(lr=1e-4, warmup_steps=1, total_steps=1000, attn_impl=attn, compile=compiled)
+    trainer = Trainer(copy.deepcopy(init), cfg, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s, losses = [], []
+    first_s = 0.0
+    for i in range(warm + timed):
+        x, y = data[i % len(data)]
+        _sync(device)
+        start = time.perf_counter()
+        losses.append(trainer.step(x, y))
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if i == 0:
+            first_s = elapsed
+        if i >= warm:
+            step_s.append(elapsed)
+    median_s = statistics.median(step_s)
+    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "step_s_median": round(median_s, 5),
+        "step_s_min": round(min(step_s), 5),
+        "first_step_s": round(first_s, 2),  # includes compilation
+        "timed_steps": len(step_s),
+        "loss_step0": losses[0],
+        "loss_last": losses[-1],
+        "peak_mem_gb": round(peak_mem / 2**30, 2) if peak_mem is not None else None,
+    }
+
+
+def _bench_fast(preset: str, device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    """Every (attention, compiled) pair of :data:`FAST_IMPLS` on one preset, same weights and batches."""
+    vocab, batch, seq_len = FAST_SETUPS[preset]
+    config = model_preset(preset)
+    steps = (2, 3) if quick else (3, 10)
+    init = build_model(config, Variant.GLOB, vocab_size=vocab, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (
+            torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device),
+            torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device),
+        )
+        for _ in range(2)
+    ]
+    flops = train_flops_per_token(config, vocab, seq_len)
+    flops_causal = train_flops_per_token(config, vocab, seq_len, causal=True)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    tokens = batch * seq_len
+    results: list[dict[str, Any]] = []
+    for attn, compiled in FAST_IMPLS:
+        entry: dict[str, Any] = {
+            "preset": preset,
+            "impl": f"{attn}-{'compiled' if compiled else 'eager'}"
+            + ("-bf16" if device.type == "cuda" else ""),
+            "attn": attn,
+            "compiled": compiled,
+            "batch": batch,
+            "seq_len": seq_len,
+            "vocab": vocab,
+        }
+        if quick and compiled and device.type == "cpu":
+            entry["error"] = "skipped in quick mode (first compile takes 10-60 s on CPU)"
+        else:
+            try:
+                entry |= _fast_one(preset, init, data, attn, compiled, device, steps)
+                tps = tokens / entry["step_s_median"]
+                entry["tokens_per_s"] = round(tps, 1)
+                entry["model_tflops"] = round(tps * flops / 1e12, 2)
+                entry["mfu"] = round(tps * flops / peak, 4) if peak else None
+                entry["mfu_causal"] = round(tps * flops_causal / peak, 4) if peak else None
+            except Exception as err:  # noqa: BLE001 (an unsupported path is a result to report)
+                entry["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+            finally:
+                gc.collect()
+                torch._dynamo.reset()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        logger.info("bench_step_result %s", json.dumps(entry))
+        results.append(entry)
+    ok = [r for r in results if "loss_step0" in r]
+    if ok:  # the same weights and batch: every implementation's first loss should agree
+        ref = ok[-1]["loss_step0"]
+        for r in ok:
+            r["loss_step0_gap"] = round(abs(r["loss_step0"] - ref), 5)
+    return results
+
+
+def run_fast(presets: list[str], device: torch.device, quick: bool = False) -> dict[str, Any]:
+    """The fast-step benchmark: flex/sdpa x compiled/eager per preset, tokens/s and MFU."""
+    started = time.perf_counter()
+    results = [entry for preset in presets for entry in _bench_fast(preset, device, quick)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_bf16_flops(name)
+    return {
+        "benchmark": "step",
+        "mode": "fast",
+        "results": results,
+        "device": device.type,
+        "device_name": name,
+        "peak_bf16_tflops": peak / 1e12 if peak else None,
+        "flop_formula": FLOP_FORMULA,
+        "flops_per_token": {
+            p: train_flops_per_token(model_preset(p), FAST_SETUPS[p][0], FAST_SETUPS[p][2]) for p in presets
+        },
+        "torch": torch.__version__,
+        "quick": quick,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def run(quick: bool = False, device: str | None = None, presets: str | None = None) -> dict[str, Any]:
+    """Benchmark the training step.
+
+    On CUDA (the default where available), or with ``presets``: :func:`run_fast` over ``presets``
+    (CUDA default ``125m,350m``): FlexAttention and SDPA, compiled and eager, with ``mfu``. On CPU
+    without ``presets``: ``tiny`` and ``small``, reference, eager and compiled steps on the same
+    data and weights (``tokens_per_s`` from the median step time after warm-up steps;
+    ``loss_after_10`` the loss on a held-out batch after 10 optimizer steps; ``peak_mem_mb``
+    weights + optimizer state + the transient peak of one step), then the fast rows for ``tiny``.
+
+    Raises:
+        ValueError: an unknown preset.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" or presets is not None:
+        names = [p.strip() for p in (presets or "125m,350m").split(",") if p.strip()]
+        unknown = [p for p in names if p not in FAST_SETUPS]
+        if unknown:
+            raise ValueError(f"unknown presets {unknown}; choose from {sorted(FAST_SETUPS)}")
+        if dev.type == "cpu":
+            torch.set_num_threads(THREADS)
+        return run_fast(names, dev, quick)
+    legacy = _run_reference_comparison(quick, dev)
+    legacy["fast"] = run_fast(["tiny"], dev, quick)
+    return legacy
+
+
+def _run_reference_comparison(quick: bool, device: torch.device) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     rss = _PeakRss()
     started = time.perf_counter()

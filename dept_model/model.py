@@ -8,9 +8,11 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F  # noqa: N812 (the universal PyTorch alias)
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+from torch.utils.checkpoint import checkpoint
 
-from dept_model.alibi import AlibiCache, alibi_bias
-from dept_model.attention import CausalSelfAttention
+from dept_model.alibi import AlibiCache, alibi_bias, alibi_slopes
+from dept_model.attention import AttentionInputs, CausalSelfAttention, causal_block_mask, resolve_attn_impl
 from dept_model.config import ModelConfig
 from dept_model.embeddings import TiedEmbeddings
 from dept_model.loss import IGNORE_INDEX, chunked_cross_entropy
@@ -51,8 +53,8 @@ class Block(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
-    def forward(self, x_BTD: torch.Tensor, bias_HTT: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self._drop(self.attn(self.norm1(x_BTD), bias_HTT))
+    def forward(self, x_BTD: torch.Tensor, attn: AttentionInputs | torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self._drop(self.attn(self.norm1(x_BTD), attn))
         return x_BTD + self._drop(self.mlp(self.norm2(x_BTD)))
 
 
@@ -60,15 +62,67 @@ class Body(nn.Module):
     """Every parameter shared across sources: the blocks and the final norm; no positional parameters.
 
     ``state_dict()`` holds only body tensors (``blocks.0.attn.qkv.weight``, ..., ``norm_f.weight``).
+    ``attn_impl`` (``auto``, ``flex``, ``sdpa``; see :mod:`dept_model.attention`) and
+    ``activation_checkpointing`` (recompute each block in the backward pass instead of keeping its
+    activations) change how, not what, it computes.
     """
 
-    def __init__(self, config: ModelConfig, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        seed: int = 0,
+        attn_impl: str = "auto",
+        activation_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_f = _norm(config)
         self.alibi = AlibiCache(config.n_heads)
+        self._flex_cache: dict[tuple[int, str, bool], tuple[torch.Tensor, BlockMask]] = {}
+        self.attn_impl = "auto"
+        self.set_attention(attn_impl)
+        self.activation_checkpointing = activation_checkpointing
         self.reset_parameters(seed)
+
+    def set_attention(self, impl: str) -> None:
+        """Choose ``auto``, ``flex`` or ``sdpa`` attention (validated now against this config's dropout).
+
+        Raises:
+            ValueError: an unknown implementation, or ``flex`` with dropout.
+        """
+        resolve_attn_impl(impl, torch.device("cuda"), self.config.dropout)
+        self.attn_impl = impl
+
+    def attention_inputs(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> AttentionInputs:
+        """The per-forward attention inputs for this length, device and attention dtype."""
+        impl = resolve_attn_impl(self.attn_impl, device, self.config.dropout)
+        if impl == "flex":
+            slopes_H, block_mask = self._flex_inputs(seq_len, device, dtype == torch.float64)
+            return AttentionInputs("flex", slopes_H=slopes_H, block_mask=block_mask)
+        if torch.compiler.is_compiling():
+            # Built inside the graph: a cache lookup would make dynamo guard on (and recompile for)
+            # the cache's contents; compiled, the bias is one fused elementwise kernel.
+            bias_HTT = alibi_bias(self.config.n_heads, seq_len, dtype=dtype, device=device)
+        else:
+            bias_HTT = self.alibi.get(seq_len, device, dtype)
+        return AttentionInputs("sdpa", bias_HTT=bias_HTT)
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator,misc,unused-ignore]
+    def _flex_inputs(
+        self, seq_len: int, device: torch.device, double: bool
+    ) -> tuple[torch.Tensor, BlockMask]:
+        # Outside any compiled graph (one graph break): the block mask is built once per length and
+        # device and enters the graph as an input, so dynamo neither traces its construction nor
+        # guards on the cache.
+        key = (seq_len, str(device), double)
+        hit = self._flex_cache.get(key)
+        if hit is None:
+            dtype = torch.float64 if double else torch.float32
+            slopes_H = torch.tensor(alibi_slopes(self.config.n_heads), dtype=dtype, device=device)
+            hit = self._flex_cache[key] = (slopes_H, causal_block_mask(seq_len, device))
+        return hit
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
@@ -93,14 +147,10 @@ class Body(nn.Module):
         attn_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h_BTD.dtype
         )
-        if torch.compiler.is_compiling():
-            # Built inside the graph: a cache lookup would make dynamo guard on (and recompile for)
-            # the cache's contents; compiled, the bias is one fused elementwise kernel.
-            bias_HTT = alibi_bias(self.config.n_heads, h_BTD.shape[1], dtype=attn_dtype, device=h_BTD.device)
-        else:
-            bias_HTT = self.alibi.get(h_BTD.shape[1], h_BTD.device, attn_dtype)
+        attn = self.attention_inputs(h_BTD.shape[1], h_BTD.device, attn_dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            h_BTD = block(h_BTD, bias_HTT)
+            h_BTD = checkpoint(block, h_BTD, attn, use_reentrant=False) if recompute else block(h_BTD, attn)
         out_BTD: torch.Tensor = self.norm_f(h_BTD)
         return out_BTD
 

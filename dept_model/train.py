@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dept_model.attention import ATTN_IMPLS
+from dept_model.loss import IGNORE_INDEX
 from dept_model.model import DeptModel
 from dept_model.state import load_state, save_state
 
@@ -40,6 +42,9 @@ class TrainConfig:
     loss_chunk_tokens: int | None = (
         None  # None: sized to the vocabulary and device (loss.default_chunk_tokens)
     )
+    attn_impl: str = "auto"  # auto | flex | sdpa (dept_model.attention); auto: flex on CUDA
+    grad_accum: int = 1  # micro-batches per optimizer step (the batch is split along its first dim)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -60,6 +65,10 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -120,6 +129,8 @@ class Trainer:
         self.config = config
         self.model = model.to(self.device)
         self.model.loss_chunk_tokens = config.loss_chunk_tokens
+        self.model.body.set_attention(config.attn_impl)
+        self.model.body.activation_checkpointing = config.activation_checkpointing
         self.autocast = (
             config.autocast_bf16 if config.autocast_bf16 is not None else self.device.type == "cuda"
         )
@@ -135,23 +146,54 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _scored_counts(self, y_BT: torch.Tensor, parts: int) -> list[int]:
+        """Targets each of ``parts`` micro-batches scores (rows the embeddings hold, not ignored)."""
+        with torch.no_grad():
+            local_index = getattr(self.model.embeddings, "local_index", None)
+            scored_BT = y_BT != IGNORE_INDEX
+            if callable(local_index):
+                scored_BT &= local_index(y_BT) >= 0
+            counts: list[int] = torch.stack([p.sum() for p in scored_BT.tensor_split(parts)]).tolist()
+        return counts
+
+    def _forward_backward(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:
+        """Accumulate the gradient of the batch's mean loss; ``grad_accum`` micro-batches weighted by
+        the targets each scores, so the gradient is the large batch's (up to float rounding)."""
+        parts = min(self.config.grad_accum, x_BT.shape[0])
+        if parts == 1:
+            with self._autocast():
+                loss = self._forward(x_BT, y_BT)
+            loss.backward()  # type: ignore[no-untyped-call]
+            return loss.detach()
+        counts = self._scored_counts(y_BT, parts)
+        total_scored = sum(counts)
+        total = torch.zeros((), device=self.device)
+        for x_bt, y_bt, n in zip(x_BT.tensor_split(parts), y_BT.tensor_split(parts), counts, strict=True):
+            if n == 0 and total_scored > 0:
+                continue  # contributes nothing to the mean (and its own mean would be NaN)
+            with self._autocast():
+                loss = self._forward(x_bt, y_bt)
+            weight = n / total_scored if total_scored > 0 else 1.0 / parts
+            (loss * weight).backward()  # type: ignore[no-untyped-call]
+            total += loss.detach().float() * weight
+        return total
+
     def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
-        """One optimizer step on a batch; returns the batch's mean loss before the update."""
+        """One optimizer step on a batch (in ``grad_accum`` micro-batches); returns the batch's mean
+        loss before the update."""
         x_BT = x_BT.to(self.device, non_blocking=True)
         y_BT = y_BT.to(self.device, non_blocking=True)
         lr = lr_at(self.step_count, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with self._autocast():
-            loss = self._forward(x_BT, y_BT)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss = self._forward_backward(x_BT, y_BT)
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return float(loss.detach())
+        return float(loss)
 
     def state_dict(self, *, include_model: bool = True) -> dict[str, Any]:
         """Step count, optimizer state and (by default) the model's tensors, all references (not copies)."""

@@ -11,7 +11,10 @@ import click
 from dept_comm.memory import keep_freed_memory
 
 from .config import WorkerConfig
+from .device import DEVICE_HELP
+from .dist import NodeEnv
 from .loop import run
+from .node import launch_torchrun, prepare, run_node
 from .signals import run_until_signalled
 
 PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
@@ -25,7 +28,7 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--seq-len", type=click.IntRange(min=8), default=128)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--data", default=None, help="Catalog spec: SOURCE, local:PATH or hf:NAME[/CONFIG].")
 @click.option("--vocab", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option(
@@ -49,6 +52,33 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
     help="A pull or push that moves no 1 MiB chunk in 3x the time this rate needs is cancelled and resumed.",
 )
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
+@click.option(
+    "--attn",
+    type=click.Choice(["auto", "flex", "sdpa"]),
+    default="auto",
+    help="ALiBi attention: auto = flex on CUDA.",
+)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, help="Micro-batches per inner step.")
+@click.option("--activation-checkpointing", is_flag=True, help="Recompute each block in the backward pass.")
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Run one worker across this many ranks (GPUs) of this host: launches torchrun (README: Multi-GPU nodes).",
+)
+@click.option(
+    "--parallel",
+    type=click.Choice(["auto", "ddp", "fsdp"]),
+    default="auto",
+    help="Under torchrun: whole model per rank (ddp) or sharded (fsdp); auto: fsdp for the 1.3b preset.",
+)
+@click.option(
+    "--dist-timeout",
+    "dist_timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    help="Under torchrun: seconds a collective, or rank 0's silence, may last before the ranks give up.",
+)
 def main(**options: object) -> None:
     """Train one data source and exchange body updates with dept-server.
 
@@ -62,12 +92,18 @@ def main(**options: object) -> None:
     )
     # Reuse freed memory instead of page-faulting fresh chunks in: ~2x the stream throughput here.
     keep_freed_memory(max_arenas=0)
+    nproc_per_node = int(options.pop("nproc_per_node"))  # type: ignore[call-overload]
+    env = NodeEnv.from_environ()  # set by torchrun: this process is one rank of a node's worker
     try:
         config = WorkerConfig(**options)  # type: ignore[arg-type]
         config.channel_credentials()  # unreadable or non-PEM files: a usage error now, not at connect
+        config = prepare(config, env, nproc_per_node)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    sys.exit(run_until_signalled(config, run))
+    if env is None and nproc_per_node > 1:
+        launch_torchrun(sys.argv[1:], nproc_per_node)
+    # Under torchrun the ranks stop as torchrun tells them; a single process leaves on SIGTERM.
+    sys.exit(run_node(config, env) if env is not None else run_until_signalled(config, run))
 
 
 if __name__ == "__main__":

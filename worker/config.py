@@ -8,6 +8,9 @@ from pathlib import Path
 import grpc
 
 from dept_comm.tls import channel_credentials, read_pem
+from dept_model.attention import ATTN_IMPLS
+
+from .device import check_device
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -21,7 +24,7 @@ class WorkerConfig:
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 1e-3
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:K (worker.device); resolved before the run
     data: str | None = None  # catalog spec; default: the embedded corpus for the source
     vocab: Path | None = None  # tokenizer.json; glob/trim need the server's global one
     vocab_size: int = 2048  # when the worker trains its own tokenizer (spec, spec-opt)
@@ -36,6 +39,11 @@ class WorkerConfig:
     rpc_timeout_s: float = 60.0
     min_bandwidth_mbps: float = 1.0  # a pull or push slower than this for a whole chunk is stalled
     compile: bool = False
+    attn: str = "auto"  # auto | flex | sdpa (dept_model.attention): ALiBi through FlexAttention or SDPA
+    grad_accum: int = 1  # micro-batches per inner step (the batch is split; same step, less memory)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    parallel: str = "auto"  # torchrun nodes: ddp | fsdp | auto (fsdp for the 1.3b preset)
+    dist_timeout_s: float = 600.0  # torchrun nodes: bound on each collective and on rank 0's silence
 
     def __post_init__(self) -> None:
         if ":" not in self.server:
@@ -51,8 +59,15 @@ class WorkerConfig:
             raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        check_device(self.device)
+        if self.attn not in ATTN_IMPLS or self.grad_accum < 1:
+            raise ValueError(
+                f"attn must be one of {ATTN_IMPLS} and grad_accum >= 1, got {self.attn!r}, {self.grad_accum}"
+            )
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         self._check_tls()
 
     def _check_tls(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -15,7 +16,7 @@ import grpc
 import torch
 
 from dept_comm.codecs import Codec, codec_names, get_codec
-from dept_comm.codecs.feedback import ErrorFeedback
+from dept_comm.codecs.gpu import make_feedback
 from dept_comm.errors import (
     CommitMismatchError,
     ConflictError,
@@ -35,7 +36,8 @@ from dept_model.tokenizer import vocab_digest
 
 from .client import ServerClient, stream_idle_for
 from .config import WorkerConfig
-from .persist import WorkerState
+from .device import resolve_device
+from .persist import WorkerState, single_process_position
 from .replica import Replica
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
 
@@ -64,7 +66,7 @@ class Worker:
         self.info = reply.round
         self.codec_up: Codec = get_codec(reply.codec_up)
         self._raw = get_codec("raw")
-        self.feedback = ErrorFeedback(self.codec_up)
+        self.feedback = make_feedback(self.codec_up, config.device)  # int8/int4 on CUDA: quantised on the GPU
         self.replica = Replica(setup.model, str(self.variant))
         self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
         self.last_loss = float("nan")
@@ -76,9 +78,10 @@ class Worker:
         saved = self.store.load()
         if saved is None:
             return
+        position = single_process_position(saved["data"], self.store.dir)  # also a 1-rank node's
         self.setup.trainer.load(saved["trainer_path"])
         self.feedback.load_state_dict(saved["feedback"])
-        self.setup.train_batches.load_state_dict(saved["data"])
+        self.setup.train_batches.load_state_dict(position)
 
     def _save(self, round_idx: int) -> None:
         self.store.save(
@@ -281,6 +284,7 @@ class Worker:
 
 def run(config: WorkerConfig) -> int:
     """Join the server, build the model for its variant, and train until the run ends."""
+    config = dataclasses.replace(config, device=str(resolve_device(config.device)))
     state_dir = config.state_dir or Path(tempfile.mkdtemp(prefix=f"dept-worker-{config.source}-"))
     store = WorkerState(state_dir)
     tokenizer = resolve_tokenizer(config, state_dir)

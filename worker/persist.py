@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dept_model import Trainer
-
 logger = logging.getLogger(__name__)
+
+
+class TrainerFile(Protocol):
+    """What writes the trainer file: a ``dept_model.Trainer``, or a node's replicas (worker.replicas)."""
+
+    def save(self, path: str | os.PathLike[str], *, include_model: bool = True) -> None: ...
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,13 +53,18 @@ class WorkerState:
             leftover.unlink()
 
     def save(
-        self, *, round_idx: int, trainer: Trainer, feedback: dict[str, torch.Tensor], data: dict[str, int]
+        self,
+        *,
+        round_idx: int,
+        trainer: TrainerFile,
+        feedback: dict[str, torch.Tensor],
+        data: Mapping[str, Any],
     ) -> None:
         """Write the trainer (model incl. private embeddings, AdamW state), residuals and progress."""
         tag = f"{round_idx:06d}"
         trainer.save(self.dir / f"trainer-{tag}.safetensors", include_model=True)
         save_tensors(self.dir / f"feedback-{tag}.safetensors", feedback)
-        progress = {"round_idx": round_idx, "tag": tag, "data": data}
+        progress = {"round_idx": round_idx, "tag": tag, "data": dict(data)}
         _atomic_write_bytes(self.dir / "progress.json", json.dumps(progress).encode())
         for old in self.dir.glob("*-*.safetensors"):
             if not old.stem.endswith(tag):
@@ -79,3 +89,22 @@ class WorkerState:
         out["feedback"] = load_file(str(self.dir / f"feedback-{tag}.safetensors"))
         logger.info("restored worker state round=%d from %s", progress["round_idx"], self.dir)
         return out
+
+
+def single_process_position(data: Mapping[str, Any], where: Path) -> dict[str, int]:
+    """The data position a single-process worker continues from: its own, or a 1-rank DDP node's
+    (whose one shard is the whole stream); a node of more ranks, or an FSDP one, needs torchrun.
+
+    Raises:
+        ValueError: the state belongs to a node this process cannot continue.
+    """
+    ranks = data.get("ranks")
+    if ranks is None:
+        return dict(data)
+    mode = data.get("parallel", "ddp")
+    if len(ranks) == 1 and mode == "ddp":
+        return dict(ranks[0])
+    raise ValueError(
+        f"{where} holds the state of a {len(ranks)}-rank {mode} node: run it under torchrun with "
+        f"--nproc-per-node {len(ranks)} --parallel {mode}"
+    )
