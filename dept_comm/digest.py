@@ -151,7 +151,8 @@ _BLOCK = 1 << 20  # elements per pass: bounds the temporary mask, keeps the loop
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
-    """Number of NaN/Inf elements of a tensor (0 for integer dtypes); read on the CPU.
+    """Number of NaN/Inf elements of a tensor (0 for integer dtypes); a CPU tensor is read with
+    numpy, a device tensor is counted on its device.
 
     A finite tensor costs one min and one max pass (numpy propagates NaN through both and runs
     several times faster than torch.isfinite here); elements are counted only when one is bad.
@@ -159,7 +160,9 @@ def count_nonfinite(t: torch.Tensor) -> int:
     """
     if not t.is_floating_point() or t.numel() == 0:
         return 0
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if t.device.type != "cpu":  # counted where the tensor lives: only the count crosses
+        return int((~torch.isfinite(t.detach())).sum().item())
+    flat = t.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bfloat16:
         bits = flat.view(torch.int16).numpy().view(np.uint16)
         return sum(

@@ -13,6 +13,8 @@ import torch
 import xxhash
 
 from dept_comm.codecs import Codec, CodecParams, get_codec
+from dept_comm.codecs._absmax import AbsmaxCodec
+from dept_comm.codecs.gpu import decode_on_device
 from dept_comm.digest import Group, Manifest, TensorSpec, count_nonfinite, dtype_from_pb, dtype_to_pb
 from dept_comm.errors import (
     CommitMismatchError,
@@ -319,8 +321,12 @@ class TensorStage:
                 " does not hash to its header's digest"
             )
 
-    def decode(self, require_finite: bool) -> torch.Tensor:
+    def decode(self, require_finite: bool, device: torch.device | None = None) -> torch.Tensor:
         """Verify the payload digest, decode, check the result, and release the buffer.
+
+        With a CUDA ``device``, int8/int4 payloads are dequantised there (the host only copies the
+        packed bytes over; the values are bit-identical to the CPU decode); other codecs decode on
+        the CPU.
 
         Raises:
             CommitMismatchError: payload digest differs from the header's.
@@ -335,7 +341,12 @@ class TensorStage:
                 f"tensor {spec.name!r} decoded with {len(self.held)}/{self.num_chunks} chunks"
             )
         self.verify_digest()
-        out = self._out if self._out is not None else self.codec.decode(buf.data, spec.shape, spec.dtype)
+        if self._out is not None:
+            out = self._out
+        elif device is not None and device.type == "cuda" and isinstance(self.codec, AbsmaxCodec):
+            out = decode_on_device(self.codec, buf.data, spec.shape, spec.dtype, device)
+        else:
+            out = self.codec.decode(buf.data, spec.shape, spec.dtype)
         if tuple(out.shape) != spec.shape or out.dtype != spec.dtype:
             raise ManifestMismatchError(
                 f"codec {self.codec.name!r} decoded {spec.name!r} as {tuple(out.shape)} {out.dtype}, "

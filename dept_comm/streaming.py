@@ -404,8 +404,10 @@ class StreamReceiver:
         self._commit = pb.Commit()
         self._commit.CopyFrom(c)
 
-    def tensors(self) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+    def tensors(self, device: torch.device | None = None) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         """Decode the committed tensors one at a time, in stream order; each is decoded once.
+
+        ``device``: where int8/int4 payloads are dequantised (CUDA: on the GPU; default the CPU).
 
         A tensor's staging buffer is released (or, for same-bytes codecs, becomes the tensor)
         as it is yielded, so a second call raises.
@@ -424,13 +426,13 @@ class StreamReceiver:
             self._decoding = True
         for idx in range(len(self._tensors)):
             stage = self._tensors[idx]
-            out = stage.decode(self._limits.require_finite)
+            out = stage.decode(self._limits.require_finite, device)
             self._staged_bytes -= stage.encoded_bytes
             yield stage.spec, out
 
-    def decode_all(self) -> dict[str, torch.Tensor]:
+    def decode_all(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """Decode and validate every tensor, then return them by name (nothing on any failure)."""
-        return {spec.name: t for spec, t in self.tensors()}
+        return {spec.name: t for spec, t in self.tensors(device)}
 
     def discard(self) -> None:
         """Drop the staged bytes (superseded or expired upload); the receiver is unusable after."""
@@ -452,8 +454,11 @@ def receive_stream(
     manifest: Manifest | None = None,
     limits: ReceiveLimits = DEFAULT_LIMITS,
     require_all: bool = True,
+    device: torch.device | None = None,
 ) -> tuple[StreamOpenInfo, dict[str, torch.Tensor]]:
     """Read a whole stream (e.g. a pull) and return its open info and decoded tensors.
+
+    ``device``: a CUDA device dequantises int8/int4 tensors there (see ``StreamReceiver.tensors``).
 
     Raises:
         CommitMismatchError: the stream ended without a commit.
@@ -466,7 +471,7 @@ def receive_stream(
         rx.add(msg)
     if not rx.committed or rx.open_info is None:
         raise CommitMismatchError("stream ended without a commit")
-    return rx.open_info, rx.decode_all()
+    return rx.open_info, rx.decode_all(device)
 
 
 def unsent(messages: Sequence[StreamItem], receipt: service_pb2.PushReceipt) -> list[StreamItem]:

@@ -27,9 +27,10 @@ OUT=$(cd "$OUT" && pwd)
 BUDGET_S="${GPU_CHECK_BUDGET_S:-460}"
 DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
-# Coordinator: the torchrun nccl test, as one shell command run from the repository root, e.g.
-# TORCHRUN_NCCL_CMD='DEPT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/e2e/test_torchrun.py'
-TORCHRUN_NCCL_CMD="${TORCHRUN_NCCL_CMD:-}"
+# The torchrun nccl test, as one shell command run from the repository root. Default: a 1-rank
+# node on NCCL (DDP and FSDP2, 2 rounds and the kill/restart), which fits a one-GPU host (NCCL refuses
+# two ranks on one GPU); on a host with N >= 2 GPUs set DEPT_TEST_RANKS=N in this command.
+TORCHRUN_NCCL_CMD="${TORCHRUN_NCCL_CMD-DEPT_TEST_DEVICE=cuda DEPT_TEST_RANKS=1 python3 -m pytest -v -p no:cacheprovider -rfE tests/e2e/test_torchrun.py -k 'two_rounds or killed'}"
 
 START=$(date +%s)
 LOG="$OUT/run.log"

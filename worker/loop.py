@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from dept_comm.codecs import Codec, codec_names, get_codec
-from dept_comm.codecs.gpu import make_feedback
+from dept_comm.codecs.gpu import DeviceErrorFeedback, make_feedback
 from dept_comm.errors import (
     CommitMismatchError,
     ConflictError,
@@ -107,7 +107,10 @@ class Worker:
                 full=full or attempt == 1 or self.replica.version < 0,
                 embedding_rows=self._row_ids(),
             )
-            info, tensors = receive_stream(self.client.pull(request), limits=PULL_LIMITS)
+            # On a GPU, int8/int4 updates are dequantised there: the host copies packed bytes only.
+            info, tensors = receive_stream(
+                self.client.pull(request), limits=PULL_LIMITS, device=self.replica.device
+            )
             try:
                 self.replica.apply_pull(info, tensors)
                 self.store.record_digest(
@@ -152,8 +155,12 @@ class Worker:
         def codec_for(name: str, t: torch.Tensor) -> Codec:
             return self._raw if name == EMB_IDS else self.codec_up
 
+        on_device = isinstance(self.feedback, DeviceErrorFeedback)  # quantised where the delta lives
+
         def encoder(name: str, t: torch.Tensor, codec: Codec) -> bytes:
-            return self.feedback.encode(name, t) if codec is self.codec_up else codec.encode(t)
+            if codec is self.codec_up:
+                return self.feedback.encode(name, t if on_device else t.cpu())
+            return codec.encode(t.cpu())
 
         groups = {k: group_of(k) for k in delta}
         return list(

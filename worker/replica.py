@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 class Replica:
-    """Holds the last pulled shared tensors on CPU in fp32, exactly as the server has them.
+    """Holds the last pulled shared tensors in fp32, exactly as the server has them, on the
+    model's device (on a GPU, the update is computed and quantised there and only packed bytes
+    reach the host; float32 additions give the same bits on either device).
 
     The local model trains away from them for one round; the update sent back is the
     difference. Pulls are applied to the replica first (``+=`` for deltas, the same float32
@@ -28,6 +30,7 @@ class Replica:
     def __init__(self, model: DeptModel, variant: str) -> None:
         self.model = model
         self.variant = variant
+        self.device = model.embeddings.weight.device
         self.tensors: dict[str, torch.Tensor] = {}
         self.version = -1
 
@@ -50,14 +53,16 @@ class Replica:
             for name, t in tensors.items():
                 if name in (EMB_ROWS, EMB_IDS):
                     continue
-                self.tensors[name].add_(t.to(torch.float32).reshape(self.tensors[name].shape))
+                self.tensors[name].add_(t.to(self.device, torch.float32).reshape(self.tensors[name].shape))
         else:
             self.tensors = {
-                k: v.to(torch.float32).clone() for k, v in tensors.items() if k not in (EMB_ROWS, EMB_IDS)
+                k: v.to(self.device, torch.float32, copy=True)
+                for k, v in tensors.items()
+                if k not in (EMB_ROWS, EMB_IDS)
             }
         if EMB_ROWS in tensors:
-            self.tensors[EMB_ROWS] = tensors[EMB_ROWS].to(torch.float32).clone()
-            self.tensors[EMB_IDS] = tensors[EMB_IDS].to(torch.int64).clone()
+            self.tensors[EMB_ROWS] = tensors[EMB_ROWS].to(self.device, torch.float32, copy=True)
+            self.tensors[EMB_IDS] = tensors[EMB_IDS].to("cpu", torch.int64, copy=True)
         digest = self.digest()
         if digest != info.target_digest:
             self.version = -1
@@ -80,20 +85,22 @@ class Replica:
                 )
 
     def delta(self) -> dict[str, torch.Tensor]:
-        """What this round's training changed in the shared tensors (local - replica), fp32 on CPU."""
+        """What this round's training changed in the shared tensors (local - replica), fp32 on the
+        replica's device (``emb.ids`` on the CPU)."""
         out: dict[str, torch.Tensor] = {}
         for name, value in self.model.body_state().items():
             key = BODY_PREFIX + name
-            out[key] = value.detach().to("cpu", torch.float32) - self.tensors[key]
+            out[key] = value.detach().to(self.device, torch.float32) - self.tensors[key]
         if EMB_WEIGHT in self.tensors:
             out[EMB_WEIGHT] = (
-                self.model.embeddings.weight.detach().to("cpu", torch.float32) - self.tensors[EMB_WEIGHT]
+                self.model.embeddings.weight.detach().to(self.device, torch.float32)
+                - self.tensors[EMB_WEIGHT]
             )
         if EMB_ROWS in self.tensors:
             ids, rows = self.model.embeddings.export_rows()
             ids = ids.to("cpu", torch.int64)
             if not torch.equal(ids, self.tensors[EMB_IDS]):
                 raise CommitMismatchError("local embedding rows no longer match the pulled ids")
-            out[EMB_ROWS] = rows.detach().to("cpu", torch.float32) - self.tensors[EMB_ROWS]
+            out[EMB_ROWS] = rows.detach().to(self.device, torch.float32) - self.tensors[EMB_ROWS]
             out[EMB_IDS] = ids
         return out

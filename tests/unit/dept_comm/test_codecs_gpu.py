@@ -206,6 +206,30 @@ def test_cuda_make_feedback_keeps_residuals_on_the_gpu() -> None:
     assert r is not None and r.is_cuda and not fb.state_dict()["x"].is_cuda
 
 
+@pytest.mark.gpu
+def test_cuda_pull_stream_decodes_on_the_gpu_bit_for_bit() -> None:
+    """A pull received with device=cuda: int8/int4 tensors dequantised on the GPU, the others on
+    the CPU, every value bit-identical to the CPU receiver's."""
+    from dept_comm.digest import Group
+    from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {
+        "body.a": torch.randn(3, 100_001, generator=gen),
+        "body.b": torch.randn(5000, generator=gen) * 1e-3,
+    }
+    for name in ("int8", "int4", "fp32"):
+        codec = get_codec(name)
+        info = StreamOpenInfo(upload_id="p", sender_id="server", round_idx=0, is_delta=True)
+        msgs = list(encode_stream(tensors, open_info=info, codec=codec, groups=Group.BODY))
+        _, on_cpu = receive_stream(msgs)
+        _, on_gpu = receive_stream(msgs, device=torch.device("cuda"))
+        for key, want in on_cpu.items():
+            got = on_gpu[key]
+            assert got.is_cuda == (name != "fp32"), (name, key)
+            assert torch.equal(_bits(got.cpu()), _bits(want)), (name, key)
+
+
 if __name__ == "__main__":  # run by the interpreter test in a subprocess with TRITON_INTERPRET=1
     torch.set_num_threads(1)
     print(json.dumps(_kernel_check("cpu")))
