@@ -29,7 +29,7 @@ from dept_model.config import model_preset
 from dept_model.data import TokenBatches, eval_batches, load_texts, tokenize_texts
 from dept_model.evaluate import evaluate
 from dept_model.model import DeptModel
-from dept_model.state import save_state
+from dept_model.state import load_state, save_state
 from dept_model.tokenizer import build_tokenizers, load_tokenizer, token_byte_lengths, vocab_digest
 from dept_model.train import TrainConfig, Trainer
 from dept_model.variants import MixtureBatches, Variant, build_model, temperature_weights
@@ -201,6 +201,32 @@ def save_std(result: StdResult, config: StdConfig, tokenizer: Tokenizer, out: Pa
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return out / MODEL_FILE
+
+
+def load_std(out: Path, config: StdConfig, tokenizer: Tokenizer) -> StdResult | None:
+    """The run :func:`save_std` wrote under ``out``, if it was trained with ``config`` and ``tokenizer``."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        lines = (out / HISTORY_FILE).read_text(encoding="utf-8").splitlines()
+        state = load_state(out / MODEL_FILE)
+    except (OSError, ValueError):
+        return None
+    if summary.get("config") != json.loads(json.dumps(asdict(config))) or summary.get(
+        "vocab_digest"
+    ) != vocab_digest(tokenizer):
+        return None
+    model = build_model(
+        model_preset(config.model), Variant.STD, vocab_size=int(tokenizer.get_vocab_size()), seed=config.seed
+    )
+    model.load_state_dict(state["model"])
+    return StdResult(
+        model=model,
+        weights=summary["weights"],
+        train_tokens=summary["train_tokens"],
+        batches_drawn=summary["batches_drawn"],
+        history=[json.loads(line) for line in lines],
+        wall_s=float(summary["wall_s"]),
+    )
 
 
 def format_progress(entry: dict[str, Any], total_steps: int) -> str:

@@ -31,8 +31,9 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option("--rounds", type=click.IntRange(min=1), default=None)
 @click.option("--inner-steps", type=click.IntRange(min=1), default=None)
 @click.option("--model", default=None, help="Model preset (tiny, small, ...).")
+@click.option("--reuse", is_flag=True, help="Evaluate runs already finished in --out with the same training settings instead of training them again.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch/OpenMP threads per process.")
-def main(preset_name: str, out: Path | None, **overrides: Any) -> None:
+def main(preset_name: str, out: Path | None, reuse: bool, **overrides: Any) -> None:
     """Train std, glob, trim, spec and spec-opt on the same data and budget; write a report folder.
 
     DEPT variants run through real dept-server and dept-worker processes on 127.0.0.1; STD runs in
@@ -53,7 +54,7 @@ def main(preset_name: str, out: Path | None, **overrides: Any) -> None:
     folder = out or Path("runs") / f"experiment-{config.preset}"
     click.echo(f"dept-experiment: preset {config.preset}, variants {','.join(config.variants)} -> {folder}")
     try:
-        report = run_experiment(config, folder, lambda line: click.echo(line))
+        report = run_experiment(config, folder, lambda line: click.echo(line), reuse=reuse)
     except RunFailedError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"report: {report}")

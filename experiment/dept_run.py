@@ -14,6 +14,12 @@ from typing import IO, Any
 
 from .config import ExperimentConfig
 
+RUN_FILE = "run.json"  # written last, when every process exited cleanly
+TRAINING_FIELDS = (
+    "sources", "model", "rounds", "inner_steps", "batch_size", "seq_len", "vocab_size",
+    "source_vocab_size", "lr", "tau", "seed", "eval_batches", "codec_up", "codec_down",
+)  # fmt: skip
+
 
 class RunFailedError(RuntimeError):
     """A server or worker process failed; the message names its log."""
@@ -91,6 +97,7 @@ def run_dept(
         RunFailedError: a process exited with an error.
     """
     out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).unlink(missing_ok=True)
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     logs = out / "logs"
@@ -139,6 +146,13 @@ def run_dept(
                 server.wait()
     if server.returncode != 0 or any(codes.values()):
         raise RunFailedError(f"{variant}: server exit {server.returncode}, workers {codes}; logs in {logs}")
+    wall_s = time.monotonic() - run_started
+    stamp = {
+        "variant": variant,
+        "training": training_fields(config),
+        "vocabs": {s: str(p) for s, p in vocabs.items()},
+    }
+    (out / RUN_FILE).write_text(json.dumps({**stamp, "wall_s": wall_s}, indent=1), encoding="utf-8")
     return DeptRun(
         variant=variant,
         root=out,
@@ -146,7 +160,34 @@ def run_dept(
         checkpoint_dir=out / "checkpoints",
         worker_dirs=worker_dirs,
         vocabs=vocabs,
-        wall_s=time.monotonic() - run_started,
+        wall_s=wall_s,
+    )
+
+
+def training_fields(config: ExperimentConfig) -> dict[str, Any]:
+    """The settings that decide what a run trains (not how it is evaluated)."""
+    d = config.to_dict()
+    return {k: d[k] for k in TRAINING_FIELDS}
+
+
+def finished_run(config: ExperimentConfig, variant: str, out: Path) -> DeptRun | None:
+    """The run already in ``out`` if it finished with these training settings (``--reuse``)."""
+    try:
+        stamp = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if stamp.get("variant") != variant or stamp.get("training") != json.loads(
+        json.dumps(training_fields(config))
+    ):
+        return None
+    return DeptRun(
+        variant=variant,
+        root=out,
+        metrics_path=out / "metrics.jsonl",
+        checkpoint_dir=out / "checkpoints",
+        worker_dirs={s: out / "workers" / s for s in config.sources},
+        vocabs={s: Path(p) for s, p in stamp["vocabs"].items()},
+        wall_s=float(stamp["wall_s"]),
     )
 
 

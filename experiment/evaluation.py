@@ -8,11 +8,13 @@ distribution) and the UDHR parallel texts, each capped at ``final_eval_batches``
 
 Which embeddings score which text:
 - std, glob: the one global matrix for everything.
-- trim: the server's global matrix, whole (every token scored; rows no source had are untrained).
+- trim: the server's whole global matrix for everything, every token scored (a worker's rows V_k
+  cannot read text holding a token outside V_k; rows no source had stay untrained, and the
+  softmax runs over all rows, where during training each worker's ran over its V_k only).
 - spec: a source's own text through its own matrix; held-out text through the mean of the
   sources' matrices (same global vocabulary, so rows align).
-- spec-opt: a source's own text through its own tokenizer and matrix; held-out text through every
-  source's tokenizer and matrix, reporting the best (lowest bits per byte) and naming it.
+- spec-opt: a source's own text through its own tokenizer and matrix; held-out text through the
+  source tokenizer and matrix that score best on the held-out source's validation split (named).
 A UDHR text in a training language counts as in-distribution (that source's embeddings).
 """
 
@@ -188,6 +190,7 @@ def dept_holder(config: ExperimentConfig, run: DeptRun, scorer: Scorer) -> Holde
     if variant in (Variant.GLOB, Variant.TRIM):
         gtok = toks[config.sources[0]]
         model = global_model(config, shared, int(gtok.get_vocab_size()))
+        # TRIM too: a worker's rows V_k cannot read test text holding a token outside V_k.
         per_source = {s: (model, gtok) for s in config.sources}
         heldout: list[tuple[str, DeptModel, Tokenizer]] = [("global", model, gtok)]
         distinct = shared[EMB_WEIGHT].numel()
@@ -220,29 +223,48 @@ def dept_holder(config: ExperimentConfig, run: DeptRun, scorer: Scorer) -> Holde
     )
 
 
-def _best(scores: list[tuple[str, Scores]]) -> dict[str, Any]:
-    label, best = min(scores, key=lambda ls: ls[1]["bits_per_byte"])
-    return {**best, "via": label}
+def _choose(scorer: Scorer, holder: Holder, spec: str, split: str) -> str:
+    """The held-out embeddings with the lowest bits per byte on ``spec``'s ``split``."""
+    if len(holder.heldout) == 1:
+        return holder.heldout[0][0]
+    scores = {label: scorer.score(m, t, spec, split)["bits_per_byte"] for label, m, t in holder.heldout}
+    return min(scores, key=lambda label: scores[label])
 
 
 def evaluate_holder(config: ExperimentConfig, holder: Holder, scorer: Scorer) -> dict[str, Any]:
-    """Bits per byte, perplexity and loss on every text the experiment scores."""
+    """Bits per byte, perplexity and loss on every text the experiment scores.
+
+    Where a variant offers several embeddings for held-out text (spec-opt: every source's), the
+    one with the lowest validation bits per byte on the held-out source is chosen, and its test
+    split reported; a UDHR text in a language that is neither trained nor held out (no
+    validation split to choose on) is scored with the best on the text itself, and says so.
+    """
     in_dist: dict[str, dict[str, Scores]] = {}
     for s in config.sources:
         model, tok = holder.per_source[s]
         in_dist[s] = {split: scorer.score(model, tok, s, split) for split in ("validation", "test")}
-    heldout = {
-        h: _best([(label, scorer.score(m, t, h, "test")) for label, m, t in holder.heldout])
-        for h in config.heldout
-    }
+    by_label = {label: (m, t) for label, m, t in holder.heldout}
+    several = len(holder.heldout) > 1
+    chosen = {h: _choose(scorer, holder, h, "validation") for h in config.heldout}
+    heldout: dict[str, dict[str, Any]] = {}
+    for h in config.heldout:
+        model, tok = by_label[chosen[h]]
+        via = f"{chosen[h]}, chosen on validation" if several else chosen[h]
+        heldout[h] = {**scorer.score(model, tok, h, "test"), "via": via}
     udhr: dict[str, dict[str, Any]] = {}
     for name in config.udhr:
         lang = udhr_language(name)
         if lang in holder.per_source:
             model, tok = holder.per_source[lang]
-            udhr[name] = {**scorer.score(model, tok, name, "test"), "via": lang}
+            via = lang
+        elif lang in chosen:
+            model, tok = by_label[chosen[lang]]
+            via = heldout[lang]["via"]
         else:
-            udhr[name] = _best([(label, scorer.score(m, t, name, "test")) for label, m, t in holder.heldout])
+            label = _choose(scorer, holder, name, "test")
+            model, tok = by_label[label]
+            via = f"{label}, best on this text" if several else label
+        udhr[name] = {**scorer.score(model, tok, name, "test"), "via": via}
     return {
         "in_distribution": in_dist,
         "heldout": heldout,

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from dept_model import Body, ModelConfig, model_preset
-from dept_model.std import StdConfig, format_progress, run_std, save_std
+from dept_model.std import StdConfig, format_progress, load_std, run_std, save_std
 from dept_model.tokenizer import build_tokenizers, load_tokenizer, vocab_digest
 
 from .config import ExperimentConfig
-from .dept_run import run_dept
+from .dept_run import finished_run, read_records, run_dept
 from .evaluation import Scorer, dept_holder, evaluate_holder, std_holder
 from .metrics import bytes_summary, dept_curve, std_curve
 from .report import averages, write_report
@@ -41,8 +41,15 @@ def body_numel(config: ModelConfig) -> int:
     return sum(p.numel() for p in Body(config, seed=0).parameters())
 
 
-def run_experiment(config: ExperimentConfig, out: Path, echo: Callable[[str], None]) -> Path:
-    """Run every variant of ``config`` and write the report under ``out/report``; return report.md."""
+def run_experiment(
+    config: ExperimentConfig, out: Path, echo: Callable[[str], None], *, reuse: bool = False
+) -> Path:
+    """Run every variant of ``config`` and write the report under ``out/report``; return report.md.
+
+    With ``reuse``, a variant whose finished run is already in ``out`` with the same training
+    settings is not trained again, only evaluated (the numbers are the same: training is
+    deterministic, and the evaluation reads the files the run left).
+    """
     started = time.monotonic()
     torch.set_num_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,30 +94,38 @@ def run_experiment(config: ExperimentConfig, out: Path, echo: Callable[[str], No
                 eval_every=len(config.sources) * config.inner_steps,
                 eval_batches=config.eval_batches,
             )
-            result = run_std(
-                std_config, gtok, progress=lambda e: phase("  " + format_progress(e, config.std_steps))
-            )
-            save_std(result, std_config, gtok, out / "std")
-            train_s = time.monotonic() - t0
+            loaded = load_std(out / "std", std_config, gtok) if reuse else None
+            if loaded is None:
+                result = run_std(
+                    std_config, gtok, progress=lambda e: phase("  " + format_progress(e, config.std_steps))
+                )
+                save_std(result, std_config, gtok, out / "std")
+                train_s = time.monotonic() - t0
+            else:
+                phase("std: reusing the finished run in std/")
+                result, train_s = loaded, loaded.wall_s
             phase("std: final evaluation")
             res = evaluate_holder(config, std_holder(result.model, gtok, config.sources), scorer)
             res["curve"] = std_curve(result, config)
             res["mixture"] = {"weights": result.weights, "batches_drawn": result.batches_drawn}
         else:
-            phase(f"{variant}: dept-server + {len(config.sources)} dept-worker processes on loopback")
-            run = run_dept(
-                config,
-                variant,
-                global_vocab=global_vocab,
-                source_vocabs=source_vocabs,
-                out=out / variant,
-                echo=lambda line: echo(line),
-                started=started,
-            )
-            train_s = time.monotonic() - t0
+            done = finished_run(config, variant, out / variant) if reuse else None
+            if done is None:
+                phase(f"{variant}: dept-server + {len(config.sources)} dept-worker processes on loopback")
+                run = run_dept(
+                    config,
+                    variant,
+                    global_vocab=global_vocab,
+                    source_vocabs=source_vocabs,
+                    out=out / variant,
+                    echo=lambda line: echo(line),
+                    started=started,
+                )
+            else:
+                phase(f"{variant}: reusing the finished run in {variant}/")
+                run = done
+            train_s = run.wall_s
             phase(f"{variant}: final evaluation (server checkpoint + worker state files)")
-            from .dept_run import read_records
-
             records = read_records(run.metrics_path)
             res = evaluate_holder(config, dept_holder(config, run, scorer), scorer)
             res["curve"] = dept_curve(records, config.sources)

@@ -158,3 +158,11 @@ def test_the_same_seed_gives_the_same_numbers(smoke, tmp_path) -> None:
     for v in ("trim", "spec-opt"):  # and the server's model after every round, bit for bit
         digests = [[r.get("digest") for r in records(o / v / "metrics.jsonl")] for o in (first_out, tmp_path)]
         assert digests[0] == digests[1] and all(digests[0][: SMOKE.rounds])
+    # --reuse evaluates the finished runs again without training: the same numbers.
+    stdout = _run(tmp_path, "--variants", ",".join(AGAIN), "--reuse")
+    assert all(f"{v}: reusing the finished run" in stdout for v in AGAIN)
+    assert "dept-server +" not in stdout and "std step" not in stdout
+    reused = _results(tmp_path)["variants"]
+    for v in AGAIN:
+        for key in ("in_distribution", "heldout", "udhr", "curve"):
+            assert reused[v][key] == again[v][key], (v, key)
