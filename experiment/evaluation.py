@@ -8,9 +8,9 @@ distribution) and the UDHR parallel texts, each capped at ``final_eval_batches``
 
 Which embeddings score which text:
 - std, glob: the one global matrix for everything.
-- trim: the server's whole global matrix for everything, every token scored (a worker's rows V_k
-  cannot read text holding a token outside V_k; rows no source had stay untrained, and the
-  softmax runs over all rows, where during training each worker's ran over its V_k only).
+- trim: a source's own text through its rows V_k (softmax over V_k, as it trained), plus the
+  global rows of any token of the scored text missing from V_k, so every token is scored;
+  held-out text through the server's whole global matrix (rows no source had are untrained).
 - spec: a source's own text through its own matrix; held-out text through the mean of the
   sources' matrices (same global vocabulary, so rows align).
 - spec-opt: a source's own text through its own tokenizer and matrix; held-out text through the
@@ -85,6 +85,13 @@ class Scorer:
         return eval_batches(
             tokens, seq_len=self.config.seq_len, batch_size=self.config.batch_size, max_batches=max_batches
         )
+
+    def texts_of(self, source: str, tok: Tokenizer) -> list[np.ndarray]:
+        """The token streams scored as ``source``'s own text: its validation and test splits and the
+        UDHR text of its language."""
+        streams = [self.cache.tokens(tok, source, split) for split in ("validation", "test")]
+        streams += [self.cache.tokens(tok, u, "test") for u in self.config.udhr if udhr_language(u) == source]
+        return streams
 
     def score(
         self, model: DeptModel, tok: Tokenizer, spec: str, split: str, max_batches: int | None = None
@@ -169,6 +176,27 @@ def global_model(config: ExperimentConfig, shared: dict[str, torch.Tensor], voca
     return model.eval()
 
 
+def trim_eval_model(
+    config: ExperimentConfig, shared: dict[str, torch.Tensor], replica: DeptModel, scored: list[np.ndarray]
+) -> DeptModel:
+    """TRIM's model for one source's text: its rows V_k, plus the rows (from the server's global
+    matrix) of any token of the ``scored`` streams missing from V_k, so every token is scored; the
+    softmax runs over those rows, as the worker's ran over V_k when it trained."""
+    vk = replica.embeddings.global_ids()
+    ids = torch.unique(torch.cat([vk, *(torch.from_numpy(t) for t in scored)]))  # sorted
+    model = build_model(
+        model_preset(config.model),
+        Variant.TRIM,
+        vocab_size=int(shared[EMB_WEIGHT].shape[0]),
+        source_ids=ids,
+        seed=config.seed,
+    )
+    model.load_body_state(replica.body_state())
+    with torch.no_grad():
+        model.embeddings.weight.copy_(shared[EMB_WEIGHT][ids])
+    return model.eval()
+
+
 def dept_holder(config: ExperimentConfig, run: DeptRun, scorer: Scorer) -> Holder:
     """Rebuild a DEPT variant's final models; check each against the worker's own final evaluation."""
     shared = final_shared(run)
@@ -190,8 +218,13 @@ def dept_holder(config: ExperimentConfig, run: DeptRun, scorer: Scorer) -> Holde
     if variant in (Variant.GLOB, Variant.TRIM):
         gtok = toks[config.sources[0]]
         model = global_model(config, shared, int(gtok.get_vocab_size()))
-        # TRIM too: a worker's rows V_k cannot read test text holding a token outside V_k.
-        per_source = {s: (model, gtok) for s in config.sources}
+        if variant is Variant.GLOB:
+            per_source = {s: (model, gtok) for s in config.sources}
+        else:
+            per_source = {
+                s: (trim_eval_model(config, shared, replicas[s], scorer.texts_of(s, gtok)), gtok)
+                for s in config.sources
+            }
         heldout: list[tuple[str, DeptModel, Tokenizer]] = [("global", model, gtok)]
         distinct = shared[EMB_WEIGHT].numel()
     elif variant is Variant.SPEC:

@@ -42,7 +42,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def plot_curves(results: dict[str, Any], out: Path) -> list[str]:
-    """bits_per_byte.png (mean validation bpb vs rounds) and bytes.png (cumulative bytes vs rounds)."""
+    """bits_per_byte.png (mean validation bpb vs rounds), bits_per_byte_per_source.png and bytes.png
+    (cumulative payload bytes vs rounds). The curves are the workers' per-round validation scores
+    (STD: its own, every sources x inner steps steps) on ``eval_batches`` batches."""
     variants = results["variants"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, res in variants.items():
@@ -56,6 +58,24 @@ def plot_curves(results: dict[str, Any], out: Path) -> list[str]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "bits_per_byte.png", dpi=110)
+    plt.close(fig)
+
+    sources = list(results["config"]["sources"])
+    fig, axes = plt.subplots(1, len(sources), figsize=(3.2 * len(sources), 3.4), squeeze=False)
+    for ax, source in zip(axes[0], sources, strict=True):
+        for name, res in variants.items():
+            pts = [
+                (p["rounds_done"], p["per_source"][source]) for p in res["curve"] if source in p["per_source"]
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=2, label=name)
+        ax.set_title(source)
+        ax.set_xlabel("rounds")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation bits per byte")
+    axes[0][-1].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "bits_per_byte_per_source.png", dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -78,7 +98,7 @@ def plot_curves(results: dict[str, Any], out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "bytes.png", dpi=110)
     plt.close(fig)
-    return ["bits_per_byte.png", "bytes.png"]
+    return ["bits_per_byte.png", "bits_per_byte_per_source.png", "bytes.png"]
 
 
 def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
@@ -94,12 +114,15 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         f" {cfg['rounds']} rounds x {cfg['inner_steps']} inner steps per source (STD: {results['std_steps']}"
         f" steps, tau {cfg['tau']}); batch {cfg['batch_size']} x {cfg['seq_len']} tokens; seed {cfg['seed']};"
         f" {results['tokens_per_source']:,} training tokens per source for DEPT, the same total for STD.",
-        f"Wall time {results['wall_s']:.0f} s. Final evaluation: at most {cfg['final_eval_batches']} batches per split.",
+        f"Wall time {results['wall_s']:.0f} s on {results['machine']['nproc']} CPUs ({results['machine']['cpu']})."
+        f" Final evaluation: at most {cfg['final_eval_batches']} batches per split.",
         "",
         "Final numbers are computed by dept-experiment for every variant alike: the server's last checkpoint",
         "(body; GLOB/TRIM global matrix) and each worker's state file (SPEC/SPEC-OPT private matrices),",
-        "scored on the same windows. STD, GLOB and TRIM score all text through the one global matrix; SPEC and",
-        "SPEC-OPT a source's text through its own matrix (SPEC-OPT: and tokenizer). Held-out text: SPEC uses the",
+        "scored on the same windows. STD and GLOB score all text through the one global matrix; TRIM a source's",
+        "text through its rows V_k (plus the global rows of any token of that text outside V_k) and held-out text",
+        "through the whole global matrix; SPEC and SPEC-OPT a source's text through its own matrix (SPEC-OPT: and",
+        "tokenizer). Held-out text: SPEC uses the",
         "mean of the sources' matrices, SPEC-OPT the source tokenizer and matrix chosen on the held-out",
         "validation split. Bits per byte compare across tokenizers; perplexity does not (SPEC-OPT's tokens are",
         "shorter).",

@@ -141,7 +141,7 @@ def test_smoke_report_matches_the_metrics_and_models_it_comes_from(smoke) -> Non
         assert f"| {v} | {fmt(val)} | {fmt(test)} |" in md, v
     for v in DEPT:
         assert f"{variants[v]['bytes']['total']:,}" in md, v
-    for plot in ("bits_per_byte.png", "bytes.png"):
+    for plot in ("bits_per_byte.png", "bits_per_byte_per_source.png", "bytes.png"):
         assert (out / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in md
 
