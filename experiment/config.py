@@ -92,14 +92,14 @@ PRESETS: dict[str, ExperimentConfig] = {
         final_eval_batches=2,
     ),
     # Four heterogeneous sources (English, Italian, Chinese and Python code), held-out Latin,
-    # Malay and Serbian; about 12 minutes on an idle 2-core CPU.
+    # Malay and Serbian; about 11 minutes on an idle 2-core CPU.
     "cpu-small": ExperimentConfig(
         preset="cpu-small",
         sources=("en", "it", "zh", "code"),
         heldout=("la", "ms", "sr"),
         udhr=UDHR_ALL,
-        rounds=12,
-        inner_steps=40,
+        rounds=16,
+        inner_steps=60,
         batch_size=8,
         seq_len=128,
         vocab_size=4096,

@@ -120,8 +120,8 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
         "Final numbers are computed by dept-experiment for every variant alike: the server's last checkpoint",
         "(body; GLOB/TRIM global matrix) and each worker's state file (SPEC/SPEC-OPT private matrices),",
         "scored on the same windows. STD and GLOB score all text through the one global matrix; TRIM a source's",
-        "text through its rows V_k (plus the global rows of any token of that text outside V_k) and held-out text",
-        "through the whole global matrix; SPEC and SPEC-OPT a source's text through its own matrix (SPEC-OPT: and",
+        "own text through its rows V_k (plus the global rows of any token of that text outside V_k), held-out and",
+        "UDHR text through the whole global matrix; SPEC and SPEC-OPT a source's text through its own matrix (SPEC-OPT: and",
         "tokenizer). Held-out text: SPEC uses the",
         "mean of the sources' matrices, SPEC-OPT the source tokenizer and matrix chosen on the held-out",
         "validation split. Bits per byte compare across tokenizers; perplexity does not (SPEC-OPT's tokens are",
@@ -149,6 +149,13 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
             )
         rows.append(row)
     lines += _table(["source", *names], rows)
+    outside = variants.get("trim", {}).get("test_tokens_outside_vk")
+    if outside:
+        counts = ", ".join(f"{s} {outside[s]['outside']} of {outside[s]['tokens']:,}" for s in sources)
+        lines += [
+            "",
+            f"TRIM: test tokens outside the source's rows V_k (scored through their global rows): {counts}.",
+        ]
     if cfg["heldout"]:
         lines += [
             "",
