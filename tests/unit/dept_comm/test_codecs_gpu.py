@@ -60,6 +60,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
+def _assert_same_values(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Bit-identical, except that a NaN may carry another payload (NaN blocks of hostile input;
+    an update with NaN is refused before it is decoded for use)."""
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), (what, "NaN positions differ")
+    differ = (_bits(got) != _bits(want)) & ~nan
+    where = differ.nonzero().flatten()[:8].tolist()
+    assert not where, (what, where, got[where].tolist(), want[where].tolist())
+
+
 @pytest.mark.parametrize(("name", "params"), CODECS)
 def test_torch_path_bytes_equal_cpu_codec(name: str, params: CodecParams | None) -> None:
     codec = get_codec(name, params)
@@ -194,7 +204,8 @@ def test_cuda_triton_and_torch_paths_bytes_equal_cpu_codec() -> None:
         want = codec.encode(x)
         assert encode_on_device(codec, x.cuda(), impl="torch") == want
         got = decode_on_device(codec, want, (x.numel(),), device="cuda")
-        assert got.is_cuda and torch.equal(_bits(got.cpu()), _bits(codec.decode(want, (x.numel(),))))
+        assert got.is_cuda
+        _assert_same_values(got.cpu(), codec.decode(want, (x.numel(),)), name)
 
 
 @pytest.mark.gpu

@@ -189,6 +189,7 @@ def test_cuda_grad_accumulation_with_checkpointing_equals_large_batch() -> None:
     )
     for s in range(2):
         x, y = _batch(256, 8, 128, seed=s)
+        x, y = x.cuda(), y.cuda()  # the worker hands the trainer batches on its device
         (lb, gb), (la, ga) = _grads(big, x, y), _grads(acc, x, y)
         assert la == pytest.approx(lb, rel=1e-5)
         for g_big, g_acc in zip(gb, ga, strict=True):
