@@ -289,13 +289,9 @@ class Worker:
             beats.join(timeout=self.config.rpc_timeout_s)
 
 
-def run(config: WorkerConfig) -> int:
-    """Join the server, build the model for its variant, and train until the run ends."""
-    config = dataclasses.replace(config, device=str(resolve_device(config.device)))
-    state_dir = config.state_dir or Path(tempfile.mkdtemp(prefix=f"dept-worker-{config.source}-"))
-    store = WorkerState(state_dir)
-    tokenizer = resolve_tokenizer(config, state_dir)
-    client = ServerClient(
+def connect(config: WorkerConfig) -> ServerClient:
+    """A client for ``config.server`` with the worker's token, TLS, RPC timeout and stall guard."""
+    return ServerClient(
         config.server,
         token=config.token,
         timeout_s=config.rpc_timeout_s,
@@ -303,6 +299,15 @@ def run(config: WorkerConfig) -> int:
         server_name=config.tls_server_name,
         stream_idle_s=stream_idle_for(config.min_bandwidth_mbps),
     )
+
+
+def run(config: WorkerConfig) -> int:
+    """Join the server, build the model for its variant, and train until the run ends."""
+    config = dataclasses.replace(config, device=str(resolve_device(config.device)))
+    state_dir = config.state_dir or Path(tempfile.mkdtemp(prefix=f"dept-worker-{config.source}-"))
+    store = WorkerState(state_dir)
+    tokenizer = resolve_tokenizer(config, state_dir)
+    client = connect(config)
     digest = vocab_digest(tokenizer)
     try:
         reply = client.join(Worker.join_request(config, digest))

@@ -37,11 +37,11 @@ from dept_comm.pb import service_pb2
 from dept_model.data import TokenBatches
 from dept_model.tokenizer import vocab_digest
 
-from .client import ServerClient, stream_idle_for
+from .client import ServerClient
 from .config import WorkerConfig
 from .device import resolve_device
 from .dist import Node, NodeEnv, NodeError, torchrun_argv
-from .loop import Worker
+from .loop import Worker, connect
 from .persist import WorkerState
 from .replicas import Replicas, make_replicas, parallel_mode
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
@@ -197,14 +197,7 @@ def lead(config: WorkerConfig, node: Node) -> int:
     try:
         store = WorkerState(state_dir)
         tokenizer = resolve_tokenizer(config, state_dir)
-        client = ServerClient(
-            config.server,
-            token=config.token,
-            timeout_s=config.rpc_timeout_s,
-            credentials=config.channel_credentials(),
-            server_name=config.tls_server_name,
-            stream_idle_s=stream_idle_for(config.min_bandwidth_mbps),
-        )
+        client = connect(config)
         try:
             digest = vocab_digest(tokenizer)
             reply = client.join(Worker.join_request(config, digest))
