@@ -275,11 +275,16 @@ class ServerApp:
         worker_id = info.sender_id
         self._known(worker_id)
         self.coordinator.check_push(worker_id, info.round_idx)
-        if info.base_version != self.model.version or info.base_digest != self.model.replica_digest(
-            self._row_ids.get(worker_id)
-        ):
+        if info.base_version != self.model.version:
             raise StaleRoundError(
                 f"update trained from version {info.base_version}, current is {self.model.version}; re-pull"
+            )
+        expected = self.model.replica_digest(self._row_ids.get(worker_id))
+        if info.base_digest != expected:
+            raise StaleRoundError(
+                f"update trained at version {info.base_version} from a replica whose digest "
+                f"{info.base_digest.hex()[:16]} differs from the server's {expected.hex()[:16]} "
+                "(a diverged replica); pull the whole body"
             )
         meter = self._worker_round(worker_id, info.round_idx).up
         meter.observe(first)

@@ -43,6 +43,7 @@ from .setup import WorkerSetup, build_setup, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 FINISHED = service_pb2.RUN_STATE_FINISHED
+MAX_DIVERGED = 3  # refusals of a diverged replica's update (each followed by a full pull) before giving up
 
 
 class Worker:
@@ -70,6 +71,7 @@ class Worker:
         self.replica = Replica(setup.model, str(self.variant))
         self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
         self.last_loss = float("nan")
+        self._diverged = 0  # stale refusals in a row while the server held our version
         self._stop_beats = threading.Event()
         self._restore()
 
@@ -220,6 +222,22 @@ class Worker:
                 else:
                     return  # nothing to resend: train this round again
 
+    def _after_stale(self, round_idx: int) -> None:
+        """A stale refusal while the server still holds the version this replica trained from
+        means the replica's shared state differs from the server's: pull the whole body next.
+        Refused that way ``MAX_DIVERGED`` times in a row, the replica cannot be trusted: stop.
+        """
+        if self.info.version != self.replica.version or self.info.round_idx != round_idx:
+            self._diverged = 0  # the model moved on: an ordinary stale update
+            return
+        self._diverged += 1
+        if self._diverged >= MAX_DIVERGED:
+            raise CommitMismatchError(
+                f"round={round_idx}: the server refused {self._diverged} updates in a row as trained "
+                "from a replica that differs from its own, full pulls did not help; stopping"
+            )
+        self.replica.version = -1  # the next pull is a full one
+
     def _heartbeats(self) -> None:
         while not self._stop_beats.wait(10.0):
             try:
@@ -263,6 +281,8 @@ class Worker:
                     self.info = self.client.heartbeat(
                         service_pb2.HeartbeatRequest(worker_id=self.worker_id)
                     ).round
+                    if isinstance(err, StaleRoundError):
+                        self._after_stale(round_idx)
                 except NotFoundError:
                     logger.warning("server does not know us (restarted?); joining again")
                     self.rejoin()
