@@ -119,8 +119,8 @@ class Servicer(service_pb2_grpc.ParameterServerServicer):
         self.calls += 1
         if self.calls <= 2:
             context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
-        if request.step == 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad step")
+        if request.worker_id == "bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad worker")
         return service_pb2.HeartbeatReply()
 
 
@@ -269,7 +269,7 @@ def test_call_with_retry_retries_only_transient_codes(env):
     _, stub, _ = env
     delays = []
     reply = call_with_retry(
-        lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(step=5), timeout=TIMEOUT_S),
+        lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id="ok"), timeout=TIMEOUT_S),
         base_delay_s=0.5,
         max_delay_s=0.75,
         sleep=delays.append,
@@ -279,7 +279,7 @@ def test_call_with_retry_retries_only_transient_codes(env):
     delays.clear()
     with pytest.raises(grpc.RpcError) as info:
         call_with_retry(
-            lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(step=1), timeout=TIMEOUT_S),
+            lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id="bad"), timeout=TIMEOUT_S),
             sleep=delays.append,
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and delays == []
