@@ -10,6 +10,7 @@ hint, instead of queueing behind busy threads. Round waits hold no thread at all
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 
 from dept_comm.errors import OverloadedError
 
+logger = logging.getLogger(__name__)
 WAIT_SLOTS = 4  # WaitRound long polls held at once; others are answered at once
 UNARY_THREADS = 8  # pool threads for short calls (join, commit, heartbeat, ...) beyond the stream slots
 MIN_HINT_S, MAX_HINT_S = 0.5, 30.0
@@ -54,6 +56,13 @@ class StreamSlots:
             if self._held >= self.limit:
                 self.refused += 1
                 hint = min(MAX_HINT_S, max(MIN_HINT_S, self._mean_s))
+                logger.info(
+                    "stream_refused what=%s held=%d limit=%d retry_after_s=%.2f",
+                    what,
+                    self._held,
+                    self.limit,
+                    hint,
+                )
                 raise OverloadedError(
                     f"server busy: {self._held} of {self.limit} streams in flight (--max-streams); "
                     f"{what} refused, retry in about {hint:.1f} s",
