@@ -182,5 +182,7 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     assert new_info.target_version == 1
     moved = [float((new_body[k] - body[k]).mean()) for k in body]
     assert all(abs(m - 0.01) < 1e-3 for m in moved), "FedAvg of one worker applies its (int8) update"
-    health = stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=meta(worker_id), timeout=10)
+    health = stub.Heartbeat(
+        service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=meta(worker_id), timeout=10
+    )
     assert health.round.round_idx == 1 and health.round.version == 1
