@@ -116,7 +116,7 @@ class ServerApp:
         self._wait_slots = threading.BoundedSemaphore(WAIT_SLOTS)
         self._norm_guard = NormGuard(config.max_update_norm_ratio)
         self._body_norm_at: tuple[int, float] = (-1, 0.0)
-        self.watchers = RoundWatchers(self._watch_info, limit=2 * config.max_workers)
+        self.watchers = RoundWatchers(self.round_info, limit=2 * config.max_workers)
         vocab, dim = shared[EMB_WEIGHT].shape if config.variant == "trim" else (0, 0)
         self._aggregate = RoundAggregate(
             {k: tuple(v.shape) for k, v in shared.items()},
@@ -189,9 +189,6 @@ class ServerApp:
             num_rounds=self.config.rounds,
             admitted_round=admitted,
         )
-
-    def _watch_info(self, worker_id: str) -> service_pb2.RoundInfo:
-        return self.round_info(worker_id)
 
     def _counted_upload(self, worker_id: str, round_idx: int) -> str | None:
         """The upload the coordinator counted for this worker and round, if any."""

@@ -33,12 +33,12 @@ NUM_WORKERS, PER_ROUND = 12, 10
 RUN_12_S = 2 * RUN_S  # twelve processes start (torch imports, tokenizer) on a small machine
 
 
-def worker_args(port: int, i: int, vocab: Path, tmp: Path) -> list[str]:
-    source = ("sw", "en")[i % 2]
+def worker_args(port: int, i: int, vocab: Path, tmp: Path, name: str | None = None) -> list[str]:
+    source, name = ("sw", "en")[i % 2], name or f"n{i:02d}"
     return [
-        "--server", f"127.0.0.1:{port}", "--source", source, "--name", f"n{i:02d}", "--vocab", str(vocab),
+        "--server", f"127.0.0.1:{port}", "--source", source, "--name", name, "--vocab", str(vocab),
         "--inner-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
-        "--state-dir", str(tmp / f"n{i:02d}"), "--device", os.environ.get("DEPT_TEST_DEVICE", "cpu"),
+        "--state-dir", str(tmp / name), "--device", os.environ.get("DEPT_TEST_DEVICE", "cpu"),
     ]  # fmt: skip
 
 
@@ -89,3 +89,40 @@ def test_twelve_workers_against_ten_per_round(global_vocab: Path, tmp_path: Path
     server_log = (tmp_path / "server.log").read_text()
     assert "stream_refused" in server_log, server_log[-3000:]
     assert any("rpc_overloaded" in log for log in logs.values())
+
+
+@pytest.mark.timeout(START_S + RUN_S + EXIT_S + MARGIN_S)
+def test_a_worker_whose_update_is_refused_skips_the_round_and_goes_on(
+    global_vocab: Path, tmp_path: Path
+) -> None:
+    """Worker "x" trains with a learning rate 100x the others': its update's norm is far above the
+    round's, the server refuses it, the rounds close with the two others, and x finishes the run."""
+    args = [
+        "--port", "0", "--rounds", "2", "--workers", "3", "--min-workers", "2", "--variant", "spec",
+        "--model", "tiny", "--vocab", str(global_vocab), "--metrics-path", str(tmp_path / "metrics.jsonl"),
+        "--round-timeout", "300", "--max-update-norm-ratio", "3",
+    ]  # fmt: skip
+    server = Server(args, tmp_path / "server.log")
+    names = ["n00", "n01", "x"]
+    workers = {
+        name: start_worker(
+            worker_args(server.port, i, global_vocab, tmp_path, name)
+            + (["--lr", "0.1"] if name == "x" else []),
+            tmp_path / f"{name}.log",
+        )
+        for i, name in enumerate(names)
+    }
+    wait_workers(workers, RUN_S)  # x too exits 0: a refusal is no failure
+    assert server.wait(EXIT_S) == 0, describe()
+    rounds = [r for r in records(tmp_path / "metrics.jsonl") if r.get("kind") != "final"]
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["num_workers"] == 2 for r in rounds), describe()
+    server_log = (tmp_path / "server.log").read_text()
+    assert server_log.count("update_refused") == 2 and "max-update-norm-ratio" in server_log
+    x_log = (tmp_path / "x.log").read_text()
+    assert x_log.count("update refused by the server") == 2 and "Traceback" not in x_log, x_log[-3000:]
+    for name in names:  # x's replica follows the body though none of its updates counted
+        seen = digests(tmp_path / name)
+        for r in rounds:
+            assert seen[r["round"] + 1] == (r["body_digest"], r["digest"]), (
+                f"{name} diverged at round {r['round']}"
+            )
