@@ -31,7 +31,8 @@ def test_a_worker_refused_as_not_admitted_waits_for_the_next_round(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    global_vocab = build_tokenizers(["sw"], vocab_size=512, out_dir=tmp_path / "tok", per_source=False)["global"]
+    vocabs = build_tokenizers(["sw"], vocab_size=512, out_dir=tmp_path / "tok", per_source=False)
+    global_vocab = vocabs["global"]
     with serving(tmp_path, workers=1, rounds=2) as server:
         target = f"127.0.0.1:{server.port}"
         other = ServerClient(target, timeout_s=30)
