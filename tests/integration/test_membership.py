@@ -112,6 +112,7 @@ def test_round_watchers_hold_no_rpc_thread(tmp_path: Path) -> None:
             assert all(e.round.round_idx == 1 and e.round.version == 1 for e in events)
             for s in streams:
                 s.cancel()
+            wait_for(lambda: len(server.app.watchers) == 0, 10, "cancelled watchers to be forgotten")
         finally:
             channel.close()
             client.close()
