@@ -27,6 +27,7 @@ __all__ = [
     "chunk_timeout_s",
     "error_from_rpc",
     "open_channel",
+    "retry_after_hint",
     "server_options",
     "status_for",
 ]
@@ -41,6 +42,8 @@ KEEPALIVE_TIME_MS = 30_000  # client pings this often when idle ...
 KEEPALIVE_TIMEOUT_MS = 10_000  # ... and drops the link when a ping is unanswered this long
 MIN_PING_INTERVAL_MS = 20_000  # server tolerates pings this close; must stay <= KEEPALIVE_TIME_MS
 ERROR_METADATA_KEY = "dept-error"  # trailing metadata naming the DeptError class
+RETRY_AFTER_METADATA_KEY = "dept-retry-after-ms"  # trailing metadata: an overloaded server's retry hint
+GRPC_OVERLOAD_DETAILS = "Concurrent RPC limit exceeded!"  # grpcio's own refusal past maximum_concurrent_rpcs
 TARGET_NAME_OVERRIDE = "grpc.ssl_target_name_override"  # channel option: the name the server cert must match
 
 STATUS_FOR: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
@@ -173,7 +176,10 @@ def status_for(err: DeptError) -> grpc.StatusCode:
 
 def abort_with(context: grpc.ServicerContext, err: DeptError) -> NoReturn:
     """End the RPC with ``err``'s status; details start with the class name for ``error_from_rpc``."""
-    context.set_trailing_metadata(((ERROR_METADATA_KEY, type(err).__name__),))
+    metadata: list[tuple[str, str]] = [(ERROR_METADATA_KEY, type(err).__name__)]
+    if isinstance(err, errors.OverloadedError):
+        metadata.append((RETRY_AFTER_METADATA_KEY, str(max(1, round(err.retry_after_s * 1000)))))
+    context.set_trailing_metadata(tuple(metadata))
     context.abort(status_for(err), f"{type(err).__name__}: {err}")
 
 
@@ -215,6 +221,8 @@ def error_from_rpc(e: grpc.RpcError) -> DeptError | None:
     cls = _ERROR_CLASSES.get(name)
     if cls is not None and code is not None and STATUS_FOR.get(cls.status) == code:
         message = details[len(name) + 2 :] if details.startswith(name + ": ") else details
+        if cls is errors.OverloadedError:
+            return errors.OverloadedError(message, retry_after_hint(e) or 1.0)
         return cls(message)
     if code is not None and code in _APP_ONLY_CODES:
         return _APP_ONLY_CODES[code](details)
@@ -222,6 +230,25 @@ def error_from_rpc(e: grpc.RpcError) -> DeptError | None:
 
 
 _RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+OVERLOAD_DEFAULT_S = 1.0  # the wait when grpcio itself refused the call (it sends no hint)
+
+
+def retry_after_hint(e: grpc.RpcError) -> float | None:
+    """The seconds an overloaded server asked us to wait, or None when the error is no overload.
+
+    An overload is RESOURCE_EXHAUSTED with the server's ``dept-retry-after-ms`` hint, or grpcio's
+    own refusal past ``maximum_concurrent_rpcs`` (``OVERLOAD_DEFAULT_S``). Other RESOURCE_EXHAUSTED
+    errors (a message over the size limit, a full membership) are not retried.
+    """
+    if not isinstance(e, grpc.Call) or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in e.trailing_metadata() or ():
+        if key == RETRY_AFTER_METADATA_KEY:
+            try:
+                return max(0.001, int(value if isinstance(value, str) else value.decode()) / 1000)
+            except ValueError:
+                return OVERLOAD_DEFAULT_S
+    return OVERLOAD_DEFAULT_S if (e.details() or "") == GRPC_OVERLOAD_DETAILS else None
 
 
 def call_with_retry(
@@ -231,13 +258,17 @@ def call_with_retry(
     base_delay_s: float = 0.5,
     max_delay_s: float = 20.0,
     retry_on: Collection[grpc.StatusCode] = _RETRY_ON,
+    overload_attempts: int = 40,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying only ``retry_on`` codes with full-jitter backoff.
 
-    The n-th retry waits ``uniform(0, min(max_delay_s, base_delay_s * 2**n))``. Safe only for
-    idempotent calls (uploads are keyed by upload id and seq).
+    The n-th retry waits ``uniform(0, min(max_delay_s, base_delay_s * 2**n))``. An overloaded
+    server's refusal (``retry_after_hint``) is retried on its own budget of ``overload_attempts``:
+    each waits ``uniform(hint, 2 * hint)`` (at most ``max_delay_s``), so refused callers spread out
+    instead of coming back together. Safe only for idempotent calls (uploads are keyed by upload
+    id and seq).
 
     Raises:
         grpc.RpcError: a code not in ``retry_on``, or the last attempt's error.
@@ -246,17 +277,25 @@ def call_with_retry(
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     draw = (rng or random).uniform
-    for attempt in range(attempts):
+    attempt = overloads = 0
+    while True:
         try:
             return fn()
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, (grpc.Call, StalledStreamError)) else None
+            hint = retry_after_hint(err)
+            if hint is not None and overloads < overload_attempts:
+                overloads += 1
+                delay = min(max_delay_s, draw(hint, 2 * hint))
+                logger.info("rpc_overloaded retry=%d/%d delay_s=%.2f", overloads, overload_attempts, delay)
+                sleep(delay)
+                continue
             if code not in retry_on or attempt == attempts - 1:
                 raise
             delay = draw(0.0, min(max_delay_s, base_delay_s * (2**attempt)))
             logger.warning("rpc_retry attempt=%d/%d code=%s delay_s=%.2f", attempt + 1, attempts, code, delay)
+            attempt += 1
             sleep(delay)
-    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def chunk_timeout_s(num_bytes: int, *, min_bandwidth_bps: float = 1e6) -> float:

@@ -8,8 +8,10 @@ Rules (RELIABILITY.md P3, P4, P6, P7, P9):
   that anything staged for the abandoned round is fenced out). The run is finished once
   ``num_rounds`` outer steps were applied (abandoned rounds do not count).
 - Members. A round's members are the workers admitted to it: every live worker when it opens,
-  plus joiners while the round has room (fewer than ``expected_workers`` live members) and its
-  deadline has not passed; other joiners wait for the next round. A worker silent for
+  plus joiners while the round has room (fewer than ``expected_workers`` live members), its
+  deadline has not passed and it is not closing (every live member committed); other joiners wait
+  for the next round, which admits every live worker. At most ``max_workers`` workers are live at
+  once; a further join is refused (``MembershipFullError``). A worker silent for
   ``heartbeat_timeout_s`` (or one that called ``leave``) is offline and drops out of the set the
   round waits for; a committed contribution stays counted.
 - Closing. ``ready_to_close`` is true when at least ``min_workers`` committed and either every
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from dept_comm.errors import (
     ConflictError,
     InvalidInputError,
+    MembershipFullError,
     NotFoundError,
     PermissionDeniedError,
     RoundNotOpenError,
@@ -223,8 +226,17 @@ class RoundCoordinator:
         r = self._round
         if self._finished or w.worker_id in r.members:
             return
-        open_for_joiners = r.deadline is None or now < r.deadline
-        if open_for_joiners and len(self._live_members()) < self.config.expected_workers:
+        live = self._live_members()
+        # The round closes as soon as the ticker looks (see ready_to_close, evaluated without this
+        # worker): admitting it now would only have it train for a round already over.
+        others = sum(1 for k in self._workers if k != w.worker_id)
+        closing = (
+            len(r.commits) >= self.config.min_workers
+            and all(m in r.commits for m in live)
+            and others >= self.config.expected_workers
+        )
+        open_for_joiners = (r.deadline is None or now < r.deadline) and not closing
+        if open_for_joiners and len(live) < self.config.expected_workers:
             r.members.add(w.worker_id)
             if r.deadline is None:
                 r.deadline = now + self.config.round_timeout_s
@@ -309,6 +321,13 @@ class RoundCoordinator:
                     f"worker {name!r} is registered for source {w.source_id!r}, variant {w.variant!r} and "
                     f"another vocabulary; use another name for source {source_id!r}"
                 )
+            cap = self.config.max_workers
+            live = sum(1 for k, x in self._workers.items() if x.online and not x.left and k != worker_id)
+            if cap is not None and live >= cap:
+                raise MembershipFullError(
+                    f"the server already has {live} live workers, its --max-workers; worker {name!r} "
+                    "cannot join (a worker that leaves or goes silent frees its place)"
+                )
             if w is None:
                 w = _Worker(worker_id, name, source_id, variant, vocab_digest, last_seen=now)
                 self._workers[worker_id] = w
@@ -341,6 +360,23 @@ class RoundCoordinator:
                 self._drop_upload(up.upload_id, "left")
             self._cond.notify_all()
         logger.info("worker_left worker=%s", worker_id)
+
+    def excuse(self, worker_id: str, round_idx: int) -> bool:
+        """The open round stops waiting for a member that will not contribute (its update was
+        refused); it takes part again from the next round. Returns whether anything changed.
+
+        A worker that committed, or a round that is not open any more, is left as it is.
+        """
+        with self._cond:
+            r = self._round
+            if r.round_idx != round_idx or worker_id in r.commits or worker_id not in r.members:
+                return False
+            r.members.discard(worker_id)
+            for up in [u for u in self._uploads.values() if u.worker_id == worker_id]:
+                self._drop_upload(up.upload_id, "excused")
+            self._cond.notify_all()
+        logger.info("worker_excused worker=%s round=%d", worker_id, round_idx)
+        return True
 
     # -- fencing and uploads ------------------------------------------------------------------
     def check_push(self, worker_id: str, round_idx: int) -> None:

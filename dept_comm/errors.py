@@ -96,9 +96,30 @@ class PermissionDeniedError(DeptError):
 
 
 class OverloadedError(DeptError):
-    """Too many concurrent uploads; back off and retry."""
+    """The server is busy (too many streams at once); back off and retry.
+
+    ``retry_after_s`` is the server's hint: the client waits at least that long, with jitter,
+    before trying again (it travels as the ``dept-retry-after-ms`` trailing metadata).
+    """
 
     status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class MembershipFullError(DeptError):
+    """The server already has ``--max-workers`` live workers; this one cannot join (no retry hint)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class OutlierUpdateError(DeptError):
+    """An update whose norm is far outside the round's (``--max-update-norm-ratio``): refused, not
+    counted; the worker skips this round's contribution and takes part in the next one."""
+
+    status = "FAILED_PRECONDITION"
 
 
 class NotFoundError(DeptError):

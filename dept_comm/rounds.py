@@ -24,8 +24,13 @@ class CoordinatorConfig:
     round_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 30.0  # e.g. 3 missed beats of a 10 s heartbeat
     upload_ttl_s: float = 600.0  # an open upload with no activity for this long is dropped
+    max_workers: int | None = None  # live (online, not left) workers at most; None: no cap
 
     def __post_init__(self) -> None:
+        if self.max_workers is not None and self.max_workers < self.expected_workers:
+            raise ValueError(
+                f"max_workers must be at least expected_workers={self.expected_workers}, got {self.max_workers}"
+            )
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}")
         if self.expected_workers < 1:

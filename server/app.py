@@ -23,6 +23,7 @@ from dept_comm.errors import (
     MalformedMessageError,
     ManifestMismatchError,
     NotFoundError,
+    OutlierUpdateError,
     PermissionDeniedError,
     ResumeMismatchError,
     RunFinishedError,
@@ -36,10 +37,14 @@ from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
 
+from .admission import WAIT_SLOTS, StreamSlots
 from .aggregate import RoundAggregate
 from .config import ServerConfig
 from .initial import initial_shared_tensors
 from .model_state import GlobalModel
+from .norm_guard import NormGuard, update_norm
+from .sessions import JoinPolicy, Sessions, read_tokens
+from .watch import RoundWatchers
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +105,18 @@ class ServerApp:
                 min_workers=config.quorum,
                 round_timeout_s=config.round_timeout_s,
                 heartbeat_timeout_s=config.heartbeat_timeout_s,
+                max_workers=config.max_workers,
             )
         )
+        # Identity and concurrency (sessions.py, admission.py, watch.py, norm_guard.py).
+        self.sessions = Sessions()
+        tokens = read_tokens(config.tokens_file) if config.tokens_file is not None else None
+        self.join_policy = JoinPolicy(tokens, require_cert_name=config.tls_client_ca is not None)
+        self.streams = StreamSlots(config.max_streams)
+        self._wait_slots = threading.BoundedSemaphore(WAIT_SLOTS)
+        self._norm_guard = NormGuard(config.max_update_norm_ratio)
+        self._body_norm_at: tuple[int, float] = (-1, 0.0)
+        self.watchers = RoundWatchers(self.round_info, limit=2 * config.max_workers)
         vocab, dim = shared[EMB_WEIGHT].shape if config.variant == "trim" else (0, 0)
         self._aggregate = RoundAggregate(
             {k: tuple(v.shape) for k, v in shared.items()},
@@ -158,6 +173,12 @@ class ServerApp:
     def round_info(self, worker_id: str | None = None) -> service_pb2.RoundInfo:
         state = self.coordinator.current_round()
         committed = worker_id is not None and self._counted_upload(worker_id, state.round_idx) is not None
+        admitted = state.round_idx
+        if worker_id is not None and not state.finished:
+            try:
+                admitted = self.coordinator.worker(worker_id).admitted_round
+            except NotFoundError:
+                admitted = state.round_idx + 1  # unknown or left: it takes part in no open round
         return service_pb2.RoundInfo(
             round_idx=state.round_idx,
             version=self.model.version,
@@ -166,6 +187,7 @@ class ServerApp:
             state=service_pb2.RUN_STATE_FINISHED if state.finished else service_pb2.RUN_STATE_RUNNING,
             committed=committed,
             num_rounds=self.config.rounds,
+            admitted_round=admitted,
         )
 
     def _counted_upload(self, worker_id: str, round_idx: int) -> str | None:
@@ -188,7 +210,19 @@ class ServerApp:
             return per_round[worker_id]
 
     # -- RPC bodies --------------------------------------------------------------------------
-    def join(self, req: service_pb2.JoinRequest) -> service_pb2.JoinReply:
+    def join(
+        self,
+        req: service_pb2.JoinRequest,
+        *,
+        bearer: str | None = None,
+        cert_names: Iterable[str] | None = None,
+    ) -> service_pb2.JoinReply:
+        """Register the worker and issue its session credential (its previous one stops working).
+
+        ``bearer`` is the caller's token and ``cert_names`` its client certificate's names (mutual
+        TLS): with ``--tokens`` or mTLS they must allow the worker's name.
+        """
+        self.join_policy.check(req.worker_name or req.source_id, bearer, cert_names)
         variant = service_pb2.Variant.Name(req.variant).removeprefix("VARIANT_").lower().replace("_", "-")
         if variant == "unspecified":  # the worker follows whatever variant the server runs
             variant = self.config.variant
@@ -215,13 +249,23 @@ class ServerApp:
             worker_id = worker_id_for(name)
         with self._lock:
             self._sources[worker_id] = req.source_id
-        logger.info("join worker=%s source=%s", worker_id, req.source_id)
+        session = self.sessions.issue(worker_id)
+        info = self.round_info(worker_id)
+        logger.info(
+            "join worker=%s source=%s round=%d admitted_round=%d",
+            worker_id,
+            req.source_id,
+            info.round_idx,
+            info.admitted_round,
+        )
         return service_pb2.JoinReply(
             worker_id=worker_id,
             run_config_json=json.dumps(self.run_info),
-            round=self.round_info(worker_id),
+            round=info,
             codec_up=self.config.codec_up,
             codec_down=self.config.codec_down,
+            session=session,
+            heartbeat_interval_ms=max(100, int(self.config.heartbeat_timeout_s * 1000 / 3)),
         )
 
     def _known(self, worker_id: str) -> None:
@@ -360,6 +404,7 @@ class ServerApp:
         self._worker_round(worker_id, round_idx).up.observe(req)
         rx.commit(req.commit)
         update = rx.decode_all()  # validates every tensor (finite, manifest) before folding any
+        norm = self._check_norm(worker_id, round_idx, update)
         with self._close_lock:
             self.coordinator.check_push(req.worker_id, req.round_idx)
             counted = self._counted_upload(worker_id, round_idx)
@@ -369,6 +414,7 @@ class ServerApp:
                 )
             self._aggregate.fold(update, num_tokens=int(req.num_tokens))
             self.coordinator.commit(worker_id, upload_id, round_idx)
+            self._norm_guard.accept(round_idx, norm)
             with self._lock:
                 self._uploads.pop(upload_id, None)
             wr = self._worker_round(worker_id, round_idx)
@@ -378,9 +424,36 @@ class ServerApp:
         self.maybe_close()
         return service_pb2.CommitReply(upload_id=upload_id, round_idx=round_idx, accepted=True)
 
+    def _check_norm(self, worker_id: str, round_idx: int, update: Mapping[str, torch.Tensor]) -> float:
+        """The update's norm; an outlier (norm_guard.py) is refused, logged, and excused from the round."""
+        norm = update_norm(update)
+        try:
+            self._norm_guard.check(worker_id, round_idx, norm, self._body_norm())
+        except OutlierUpdateError as err:
+            logger.warning("update_refused worker=%s round=%d reason=%s", worker_id, round_idx, err)
+            # The round stops waiting for this worker; its staged upload is dropped and freed.
+            if self.coordinator.excuse(worker_id, round_idx):
+                self.maybe_close()
+            raise
+        return norm
+
+    def _body_norm(self) -> float:
+        """The norm of every shared tensor at the current version (computed once per version)."""
+        version = self.model.version
+        if self._body_norm_at[0] != version:
+            squares = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in self.model.shared.values())
+            self._body_norm_at = (version, squares**0.5)
+        return self._body_norm_at[1]
+
     def wait_round(self, req: service_pb2.WaitRoundRequest) -> service_pb2.RoundInfo:
+        """A bounded long poll (at most 30 s, and ``WAIT_SLOTS`` at once: beyond them it answers at
+        once with the current round). Workers use WatchRounds, which holds no thread."""
         timeout_s = min(max(req.timeout_ms, 0) / 1000.0, 30.0)
-        self.coordinator.wait_for_round_after(req.round_idx, timeout_s)
+        if self._wait_slots.acquire(blocking=False):
+            try:
+                self.coordinator.wait_for_round_after(req.round_idx, timeout_s)
+            finally:
+                self._wait_slots.release()
         return self.round_info(req.worker_id)
 
     def heartbeat(self, req: service_pb2.HeartbeatRequest) -> service_pb2.HeartbeatReply:
@@ -400,6 +473,7 @@ class ServerApp:
                 self.final_eval[self._sources[req.worker_id]] = _finite(req.metrics)
             self._left.add(req.worker_id)
             self._left_cond.notify_all()
+        self.sessions.revoke(req.worker_id)
         logger.info("leave worker=%s reason=%s", req.worker_id, req.reason)
         return service_pb2.LeaveReply()
 
@@ -420,6 +494,7 @@ class ServerApp:
                     state = self.coordinator.abandon_round()
                     # Persist the new round index so a restart never sends the round id backwards.
                     self._checkpoint(state.round_idx)
+                    self.watchers.publish()
                 return False
             self._close_round(state.round_idx)
             return True
@@ -447,6 +522,7 @@ class ServerApp:
         )
         self._round_started = time.monotonic()
         self._free_dropped_uploads()  # the coordinator dropped what was left open in the round
+        self.watchers.publish()
         if state.finished:
             self.finished.set()
 
@@ -554,5 +630,6 @@ class ServerApp:
                 f.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
+        self.watchers.close()
         if self._store is not None:
             self._store.close()

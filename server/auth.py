@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -39,13 +39,18 @@ def _abort_like(
 
 
 class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Reject calls whose ``authorization: Bearer <token>`` metadata is missing or wrong.
+    """Reject calls whose ``authorization: Bearer <token>`` metadata is missing or not one of ``tokens``
+    (the shared ``--token``, or any per-worker token of ``--tokens``; which name a per-worker
+    token may join as is checked at Join, see ``server.sessions``).
 
     Health-service calls (``PUBLIC_METHOD_PREFIX``) pass without a token.
     """
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: str | Iterable[str]) -> None:
+        listed = [tokens] if isinstance(tokens, str) else list(tokens)
+        if not listed:
+            raise ValueError("TokenInterceptor needs at least one token")
+        self._expected = [f"Bearer {t}".encode() for t in listed]
 
     def intercept_service(
         self,
@@ -57,7 +62,8 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         for key, value in handler_call_details.invocation_metadata or ():
             if key == TOKEN_METADATA_KEY:
                 got = value.encode() if isinstance(value, str) else bytes(value)
-                if hmac.compare_digest(got, self._expected):
+                # Every listed token is compared (no early exit): the time taken tells nothing.
+                if sum(hmac.compare_digest(got, e) for e in self._expected):
                     return continuation(handler_call_details)
         # Looking the handler up runs nothing; it tells which kind of abort handler to return.
         return _abort_like(continuation(handler_call_details), "missing or invalid token")

@@ -49,6 +49,38 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 @click.option(
     "--linger", "linger_s", type=click.FloatRange(min=0), default=0.0, help="Serve final metrics this long."
 )
+@click.option(
+    "--heartbeat-timeout",
+    "heartbeat_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    help="A worker silent this long is dropped; the round closes without it (at quorum).",
+)
+@click.option(
+    "--max-workers",
+    type=click.IntRange(min=1),
+    default=256,
+    help="Live workers at most; a further join is refused with RESOURCE_EXHAUSTED (MembershipFullError).",
+)
+@click.option(
+    "--max-streams",
+    type=click.IntRange(min=1),
+    default=32,
+    help="Pulls and pushes in flight at once; more are refused with a retry hint the workers honour.",
+)
+@click.option(
+    "--max-update-norm-ratio",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    help="Refuse an update whose norm is over this multiple of the round's median (a guard); 0: off.",
+)
+@click.option(
+    "--tokens",
+    "tokens_file",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    default=None,
+    help="Per-worker tokens: one 'name token' per line; a worker joins only under its own name.",
+)
 @click.option("--seed", type=int, default=0)
 @click.option("--token", envvar="DEPT_TOKEN", default=None, help="Shared secret workers must present.")
 @click.option(

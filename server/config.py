@@ -7,6 +7,8 @@ from pathlib import Path
 
 from dept_comm.tls import read_pem
 
+from .admission import pool_threads
+
 VARIANTS = ("glob", "trim", "spec", "spec-opt")
 OUTER_OPTIMIZERS = ("fedavg", "nesterov")
 OUTER_WEIGHTINGS = ("uniform", "tokens")
@@ -36,8 +38,12 @@ class ServerConfig:
     metrics_path: Path | None = None
     metrics_port: int | None = None
     seed: int = 0
-    heartbeat_timeout_s: float = 60.0
-    max_workers_threads: int = 32
+    heartbeat_timeout_s: float = 60.0  # a worker silent this long is dropped from the round it is in
+    max_workers: int = 256  # live workers at most; a further join is refused
+    max_streams: int = 32  # pulls and pushes in flight at once; more are refused with a retry hint
+    max_workers_threads: int | None = None  # RPC pool threads; None: sized from max_streams
+    max_update_norm_ratio: float = 10.0  # refuse an update whose norm is over this x the round's; 0: off
+    tokens_file: Path | None = None  # per-worker tokens: one "name token" per line
     grace_s: float = 5.0
     token: str | None = None  # shared secret workers must present
     tls_cert: Path | None = None  # PEM certificate chain: the port speaks TLS only (with tls_key)
@@ -72,6 +78,25 @@ class ServerConfig:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if not 0 < self.heartbeat_timeout_s < float("inf"):
+            raise ValueError(f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
+        if self.max_workers < self.workers:
+            raise ValueError(
+                f"--max-workers ({self.max_workers}) must be at least --workers ({self.workers})"
+            )
+        if self.max_streams < 1:
+            raise ValueError(f"--max-streams must be >= 1, got {self.max_streams}")
+        if self.max_workers_threads is not None and self.max_workers_threads < 1:
+            raise ValueError(f"max_workers_threads must be >= 1, got {self.max_workers_threads}")
+        ratio = self.max_update_norm_ratio
+        if not (ratio == 0 or 1 < ratio < float("inf")):
+            raise ValueError(f"--max-update-norm-ratio must be 0 (off) or > 1, got {ratio}")
+        if self.tokens_file is not None and self.token is not None:
+            raise ValueError(
+                "--tokens (a token per worker name) and --token (one shared token) exclude each other"
+            )
+        if self.tokens_file is not None and not self.tokens_file.is_file():
+            raise ValueError(f"--tokens {self.tokens_file}: no such file")
         self._check_tls()
 
     def _check_tls(self) -> None:
@@ -91,6 +116,11 @@ class ServerConfig:
             ("--tls-client-ca", self.tls_client_ca),
         ]
         return [(flag, path) for flag, path in named if path is not None]
+
+    @property
+    def rpc_threads(self) -> int:
+        """The RPC pool: ``max_workers_threads`` if set, else sized from the stream slots."""
+        return self.max_workers_threads or pool_threads(self.max_streams)
 
     @property
     def quorum(self) -> int:

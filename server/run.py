@@ -50,6 +50,7 @@ class RunningServer:
         """
         self.health.enter_graceful_shutdown()
         self.stop_event.set()
+        self.app.watchers.close()  # open WatchRounds streams end now instead of holding the grace
         self.grpc_server.stop(grace_s).wait()
         self.ticker.join()
         if self.metrics_server is not None:
@@ -130,8 +131,9 @@ def start_server(config: ServerConfig) -> RunningServer:
     """
     credentials = _credentials(config)
     app = ServerApp(config)
-    interceptors = [TokenInterceptor(config.token)] if config.token else []
-    server = build_server(config.max_workers_threads, interceptors=interceptors)
+    tokens = [config.token] if config.token else app.join_policy.bearer_tokens
+    interceptors = [TokenInterceptor(tokens)] if tokens else []
+    server = build_server(config.rpc_threads, interceptors=interceptors)
     add_parameter_server(ParameterServerServicer(app), server)
     health_servicer = _add_health(server)
     try:
@@ -154,13 +156,18 @@ def start_server(config: ServerConfig) -> RunningServer:
     ticker = threading.Thread(target=tick, name="round-ticker", daemon=True)
     ticker.start()
     logger.info(
-        "serving port=%d tls=%s mtls=%s variant=%s rounds=%d workers=%d",
+        "serving port=%d tls=%s mtls=%s variant=%s rounds=%d workers=%d max_workers=%d max_streams=%d "
+        "rpc_threads=%d heartbeat_timeout_s=%.1f",
         port,
         config.tls,
         config.tls_client_ca is not None,
         config.variant,
         config.rounds,
         config.workers,
+        config.max_workers,
+        config.max_streams,
+        config.rpc_threads,
+        config.heartbeat_timeout_s,
     )
     return RunningServer(app, server, port, metrics_server, metrics_port, stop, health_servicer, ticker)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import grpc
 
-from dept_comm.channel import call_with_retry, chunk_timeout_s, error_from_rpc, open_channel
+from dept_comm.channel import call_with_retry, chunk_timeout_s, error_from_rpc, open_channel, retry_after_hint
 from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
@@ -18,6 +20,14 @@ from dept_comm.streaming import unsent
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+SESSION_METADATA_KEY = "dept-session"  # the session credential Join issued (server/sessions.py)
+WATCH_REOPEN_S = 60.0  # a WatchRounds stream is reopened this often (it first sends the current round)
+_current_session: list[str] = []  # this process's latest session credential, for a Leave on a signal
+
+
+def current_session() -> str | None:
+    """The session credential of this process's latest join (None before one)."""
+    return _current_session[-1] if _current_session else None
 
 
 def stream_idle_for(min_bandwidth_mbps: float) -> float:
@@ -50,10 +60,18 @@ class ServerClient:
         self.target = target
         self._channel = open_channel(target, credentials=credentials, server_name=server_name)
         self._stub = ParameterServerStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
+        self.session: str | None = None
         self._timeout_s = timeout_s
         self._attempts = retry_attempts
         self.stream_idle_s = stream_idle_s if stream_idle_s is not None else stream_idle_for(1.0)
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The token and, once joined, the session credential: sent with every call."""
+        if self.session is None:
+            return self._auth
+        return (*self._auth, (SESSION_METADATA_KEY, self.session))
 
     def close(self) -> None:
         self._channel.close()
@@ -69,7 +87,11 @@ class ServerClient:
             raise
 
     def join(self, request: service_pb2.JoinRequest) -> service_pb2.JoinReply:
-        return self._call(lambda: self._stub.Join(request, timeout=self._timeout_s, metadata=self._metadata))
+        """Join; the reply's session credential goes with every later call of this client."""
+        reply = self._call(lambda: self._stub.Join(request, timeout=self._timeout_s, metadata=self._auth))
+        self.session = reply.session or None
+        _current_session[:] = [reply.session] if reply.session else []
+        return reply
 
     def pull(self, request: service_pb2.PullRequest) -> list[WireItem]:
         """Receive a whole pull stream (a cut or stalled stream is retried from the start)."""
@@ -132,15 +154,45 @@ class ServerClient:
             lambda: self._stub.CommitUpdate(request, timeout=self._timeout_s, metadata=self._metadata)
         )
 
-    def wait_round(self, worker_id: str, round_idx: int, timeout_ms: int = 10_000) -> service_pb2.RoundInfo:
-        request = service_pb2.WaitRoundRequest(
-            worker_id=worker_id, round_idx=round_idx, timeout_ms=timeout_ms
-        )
-        return self._call(
-            lambda: self._stub.WaitRound(
-                request, timeout=timeout_ms / 1000 + self._timeout_s, metadata=self._metadata
-            )
-        )
+    def watch_rounds(
+        self, worker_id: str, *, reopen_s: float = WATCH_REOPEN_S
+    ) -> Iterator[service_pb2.RoundInfo]:
+        """The round as this worker sees it: now, then each time a round opens, until the run finishes.
+
+        One WatchRounds stream (it holds no server thread), reopened every ``reopen_s`` and after a
+        cut link (with jittered back-off, ``retry_attempts`` failures in a row at most; an
+        overloaded server's retry hint is honoured). Errors the server names come back as DeptErrors.
+        """
+        request = service_pb2.WatchRoundsRequest(worker_id=worker_id)
+        failures = 0
+        while True:
+            call = self._stub.WatchRounds(request, timeout=reopen_s, metadata=self._metadata)
+            try:
+                for event in call:
+                    failures = 0
+                    yield event.round
+                    if event.kind == service_pb2.RoundEvent.KIND_FINISHED:
+                        return
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.Call) else None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # the periodic reopen
+                hint = retry_after_hint(err)
+                if code != grpc.StatusCode.UNAVAILABLE and hint is None:
+                    mapped = error_from_rpc(err)
+                    if mapped is not None:
+                        raise mapped from err
+                    raise
+                failures += 1
+                if failures >= self._attempts:
+                    raise
+                delay = random.uniform(hint, 2 * hint) if hint is not None else random.uniform(0, 2**failures)
+                logger.warning("watch_retry failures=%d code=%s delay_s=%.2f", failures, code, delay)
+                time.sleep(min(delay, 20.0))
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]
+            # The server ended the stream without a finish (it is stopping): reopen after a moment.
+            time.sleep(random.uniform(0.5, 1.5))
 
     def heartbeat(self, request: service_pb2.HeartbeatRequest) -> service_pb2.HeartbeatReply:
         return self._call(

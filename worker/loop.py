@@ -22,9 +22,11 @@ from dept_comm.errors import (
     ConflictError,
     DeptError,
     NotFoundError,
+    OutlierUpdateError,
     RoundNotOpenError,
     RunFinishedError,
     StaleRoundError,
+    UnauthenticatedError,
 )
 from dept_comm.frames import StreamItem, as_message
 from dept_comm.names import EMB_IDS, group_of
@@ -72,6 +74,7 @@ class Worker:
         self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
         self.last_loss = float("nan")
         self._diverged = 0  # stale refusals in a row while the server held our version
+        self._beat_s = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else 10.0
         self._stop_beats = threading.Event()
         self._restore()
 
@@ -209,18 +212,33 @@ class Worker:
         )
 
     def wait_for_close(self, round_idx: int) -> None:
-        """Wait until round ``round_idx`` closed; re-push if the server lost our commit (restart)."""
-        while True:
-            info = self.client.wait_round(self.worker_id, round_idx)
+        """Wait (on the WatchRounds stream, no polling) until round ``round_idx`` closed; re-push if
+        the server lost our commit (restart), train the round if it is ours and nothing is pending."""
+        for info in self.client.watch_rounds(self.worker_id):
             self.info = info
             if info.state == FINISHED or info.round_idx > round_idx:
                 return
+            if info.admitted_round > info.round_idx:
+                continue  # not a member of this round (no room, or excused): wait for the next one
             if not info.committed:
                 if self.pending is not None and self.pending[0] == round_idx:
                     logger.warning("server lost our commit for round=%d (restart?); pushing again", round_idx)
                     self.push()
                 else:
                     return  # nothing to resend: train this round again
+
+    def wait_for_next_round(self, round_idx: int) -> None:
+        """Not a member of round ``round_idx``: wait for the next one without training."""
+        self.pending = None
+        logger.info(
+            "round=%d is not waiting for this worker (no room, or it is closing); it takes part from round %d",
+            round_idx,
+            round_idx + 1,
+        )
+        for info in self.client.watch_rounds(self.worker_id):
+            self.info = info
+            if info.state == FINISHED or info.round_idx > round_idx:
+                return
 
     def _after_stale(self, round_idx: int) -> None:
         """A stale refusal while the server still holds the version this replica trained from
@@ -239,13 +257,9 @@ class Worker:
         self.replica.version = -1  # the next pull is a full one
 
     def _heartbeats(self) -> None:
-        while not self._stop_beats.wait(10.0):
+        while not self._stop_beats.wait(self._beat_s):
             try:
-                self.client.heartbeat(
-                    service_pb2.HeartbeatRequest(
-                        worker_id=self.worker_id, round_idx=self.info.round_idx, train_loss=self.last_loss
-                    )
-                )
+                self.client.heartbeat(service_pb2.HeartbeatRequest(worker_id=self.worker_id))
             except (grpc.RpcError, DeptError) as err:  # a missed beat is logged; the main loop owns failures
                 logger.debug("heartbeat failed: %s", err)
 
@@ -260,7 +274,6 @@ class Worker:
             vocab_digest=bytes.fromhex(digest_hex),
             codecs=codec_names(),
             worker_name=config.worker_name,
-            token=config.token or "",
         )
 
     def run(self) -> int:
@@ -270,6 +283,9 @@ class Worker:
             while self.info.state != FINISHED:
                 round_idx = self.info.round_idx
                 try:
+                    if self.info.admitted_round > round_idx:
+                        self.wait_for_next_round(round_idx)
+                        continue
                     if not self.info.committed:
                         self.do_round()
                     self.wait_for_close(round_idx)
@@ -283,16 +299,30 @@ class Worker:
                     ).round
                     if isinstance(err, StaleRoundError):
                         self._after_stale(round_idx)
-                except NotFoundError:
-                    logger.warning("server does not know us (restarted?); joining again")
+                except OutlierUpdateError as err:
+                    # The server's norm guard: this round goes on without us; we take part in the next.
+                    logger.warning(
+                        "round=%d update refused by the server (%s); skipping this round", round_idx, err
+                    )
+                    self.wait_for_next_round(round_idx)
+                except (NotFoundError, UnauthenticatedError) as err:
+                    logger.warning(
+                        "server does not know us or our session (restarted?): %s; joining again", err
+                    )
                     self.rejoin()
-                except RoundNotOpenError:
-                    self.wait_for_close(round_idx - 1)
+                except RoundNotOpenError as err:
+                    # Not admitted to the open round (it had no room or was closing): the next one.
+                    self.info = self.client.heartbeat(
+                        service_pb2.HeartbeatRequest(worker_id=self.worker_id)
+                    ).round
+                    if self.info.round_idx == round_idx:
+                        logger.warning("round=%d: %s", round_idx, err)
+                        self.wait_for_next_round(round_idx)
                 except RunFinishedError:
                     break
             try:
                 self.pull()
-            except NotFoundError:  # the server restarted after the last round: join, then pull
+            except (NotFoundError, UnauthenticatedError):  # the server restarted after the last round
                 self.rejoin()
                 self.pull()
             final = self.evaluate()

@@ -26,6 +26,7 @@ from dept_comm.pb import service_pb2
 from dept_comm.rounds import worker_id_for
 from dept_comm.service import ParameterServerStub
 
+from .client import SESSION_METADATA_KEY, current_session
 from .config import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,12 @@ def leave_terminated(config: WorkerConfig) -> None:
         server_name=config.tls_server_name,
         options=[*channel_options(), (LOCAL_SUBCHANNEL_POOL, 1)],
     )
-    metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+    metadata: tuple[tuple[str, str], ...] = (
+        (("authorization", f"Bearer {config.token}"),) if config.token else ()
+    )
+    session = current_session()
+    if session is not None:  # only this worker's own session may make it leave
+        metadata = (*metadata, (SESSION_METADATA_KEY, session))
     request = service_pb2.LeaveRequest(worker_id=worker_id_for(config.worker_name), reason="terminated")
     try:
         ParameterServerStub(channel).Leave(request, timeout=LEAVE_TIMEOUT_S, metadata=metadata)

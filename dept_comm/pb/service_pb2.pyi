@@ -65,19 +65,17 @@ class RoundInfo(_message.Message):
     ROUND_IDX_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     BODY_DIGEST_FIELD_NUMBER: _builtins.int
-    SCHEMA_HASH_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
     NUM_ROUNDS_FIELD_NUMBER: _builtins.int
+    ADMITTED_ROUND_FIELD_NUMBER: _builtins.int
     round_idx: _builtins.int
     """the round now open (or the last one, when finished)"""
     version: _builtins.int
     """body version: number of outer steps applied"""
     body_digest: _builtins.bytes
     """round digest: xxh3-128 of every shared tensor at `version`"""
-    schema_hash: _builtins.bytes
-    """names, shapes, dtypes of the body"""
     deadline_unix_ms: _builtins.int
     """when the open round closes at the latest"""
     state: Global___RunState.ValueType
@@ -85,21 +83,25 @@ class RoundInfo(_message.Message):
     """the asking worker's update for round_idx is counted"""
     num_rounds: _builtins.int
     """rounds in the whole run"""
+    admitted_round: _builtins.int
+    """The round the asking worker takes part in: round_idx when it is a member of the open round,
+    round_idx + 1 when that round has no room for it (it waits for the next without training).
+    """
     def __init__(
         self,
         *,
         round_idx: _builtins.int = ...,
         version: _builtins.int = ...,
         body_digest: _builtins.bytes = ...,
-        schema_hash: _builtins.bytes = ...,
         deadline_unix_ms: _builtins.int = ...,
         state: Global___RunState.ValueType = ...,
         committed: _builtins.bool = ...,
         num_rounds: _builtins.int = ...,
+        admitted_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_digest", b"body_digest", "committed", b"committed", "deadline_unix_ms", b"deadline_unix_ms", "num_rounds", b"num_rounds", "round_idx", b"round_idx", "schema_hash", b"schema_hash", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_round", b"admitted_round", "body_digest", b"body_digest", "committed", b"committed", "deadline_unix_ms", b"deadline_unix_ms", "num_rounds", b"num_rounds", "round_idx", b"round_idx", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -114,15 +116,12 @@ class JoinRequest(_message.Message):
     VOCAB_DIGEST_FIELD_NUMBER: _builtins.int
     CODECS_FIELD_NUMBER: _builtins.int
     WORKER_NAME_FIELD_NUMBER: _builtins.int
-    TOKEN_FIELD_NUMBER: _builtins.int
     source_id: _builtins.str
     variant: Global___Variant.ValueType
     vocab_digest: _builtins.bytes
     """digest of the tokenizer the worker uses"""
     worker_name: _builtins.str
     """stable name (e.g. host:source) so a restarted worker keeps its id"""
-    token: _builtins.str
-    """shared secret when the server requires one"""
     @_builtins.property
     def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """codecs the worker can decode"""
@@ -135,11 +134,10 @@ class JoinRequest(_message.Message):
         vocab_digest: _builtins.bytes = ...,
         codecs: _abc.Iterable[_builtins.str] | None = ...,
         worker_name: _builtins.str = ...,
-        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "source_id", b"source_id", "token", b"token", "variant", b"variant", "vocab_digest", b"vocab_digest", "worker_name", b"worker_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "source_id", b"source_id", "variant", b"variant", "vocab_digest", b"vocab_digest", "worker_name", b"worker_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,11 +152,19 @@ class JoinReply(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     CODEC_UP_FIELD_NUMBER: _builtins.int
     CODEC_DOWN_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     run_config_json: _builtins.str
     """model preset, variant, inner steps... as JSON"""
     codec_up: _builtins.str
     codec_down: _builtins.str
+    session: _builtins.str
+    """Session credential bound to this worker: every later call carries it in the `dept-session`
+    metadata and may act only for this worker. A new join issues a new one; the old one stops working.
+    """
+    heartbeat_interval_ms: _builtins.int
+    """how often to heartbeat (a third of the server's --heartbeat-timeout)"""
     @_builtins.property
     def round(self) -> Global___RoundInfo: ...
     def __init__(
@@ -169,10 +175,12 @@ class JoinReply(_message.Message):
         round: Global___RoundInfo | None = ...,
         codec_up: _builtins.str = ...,
         codec_down: _builtins.str = ...,
+        session: _builtins.str = ...,
+        heartbeat_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_down", b"codec_down", "codec_up", b"codec_up", "round", b"round", "run_config_json", b"run_config_json", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_down", b"codec_down", "codec_up", b"codec_up", "heartbeat_interval_ms", b"heartbeat_interval_ms", "round", b"round", "run_config_json", b"run_config_json", "session", b"session", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -411,16 +419,16 @@ class RoundEvent(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: RoundEvent._Kind.ValueType  # 0
         KIND_OPENED: RoundEvent._Kind.ValueType  # 1
-        KIND_CLOSED: RoundEvent._Kind.ValueType  # 2
+        """round.round_idx is open (also the stream's first event)"""
         KIND_FINISHED: RoundEvent._Kind.ValueType  # 3
-        KIND_ABANDONED: RoundEvent._Kind.ValueType  # 4
+        """the run finished; the stream ends"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: RoundEvent.Kind.ValueType  # 0
     KIND_OPENED: RoundEvent.Kind.ValueType  # 1
-    KIND_CLOSED: RoundEvent.Kind.ValueType  # 2
+    """round.round_idx is open (also the stream's first event)"""
     KIND_FINISHED: RoundEvent.Kind.ValueType  # 3
-    KIND_ABANDONED: RoundEvent.Kind.ValueType  # 4
+    """the run finished; the stream ends"""
 
     KIND_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
@@ -446,24 +454,15 @@ class HeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
-    ROUND_IDX_FIELD_NUMBER: _builtins.int
-    STEP_FIELD_NUMBER: _builtins.int
-    TRAIN_LOSS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
-    round_idx: _builtins.int
-    step: _builtins.int
-    train_loss: _builtins.float
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
-        round_idx: _builtins.int = ...,
-        step: _builtins.int = ...,
-        train_loss: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_idx", b"round_idx", "step", b"step", "train_loss", b"train_loss", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

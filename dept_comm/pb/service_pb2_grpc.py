@@ -121,14 +121,16 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WaitRound(self, request, context):
-        """Long-poll until the given round has closed (or the wait times out).
+        """Long-poll until the given round has closed (or the wait times out). The server holds a
+        bounded number of such waits at once; beyond them it answers at once with the current round.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchRounds(self, request, context):
-        """Server-streamed round events (open, closed, finished).
+        """Round events: the current round at once, then one each time a round opens or the run
+        finishes (the stream then ends). Holds no server thread while it waits; workers use it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,9 +43,13 @@ class ParameterServerStub:
     CommitUpdate: _grpc.UnaryUnaryMultiCallable[_service_pb2.CommitUpdateRequest, _service_pb2.CommitReply]
     """Make a staged upload eligible for its round (idempotent)."""
     WaitRound: _grpc.UnaryUnaryMultiCallable[_service_pb2.WaitRoundRequest, _service_pb2.RoundInfo]
-    """Long-poll until the given round has closed (or the wait times out)."""
+    """Long-poll until the given round has closed (or the wait times out). The server holds a
+    bounded number of such waits at once; beyond them it answers at once with the current round.
+    """
     WatchRounds: _grpc.UnaryStreamMultiCallable[_service_pb2.WatchRoundsRequest, _service_pb2.RoundEvent]
-    """Server-streamed round events (open, closed, finished)."""
+    """Round events: the current round at once, then one each time a round opens or the run
+    finishes (the stream then ends). Holds no server thread while it waits; workers use it.
+    """
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_service_pb2.HeartbeatRequest, _service_pb2.HeartbeatReply]
     Leave: _grpc.UnaryUnaryMultiCallable[_service_pb2.LeaveRequest, _service_pb2.LeaveReply]
 
@@ -63,9 +67,13 @@ class ParameterServerAsyncStub(ParameterServerStub):
     CommitUpdate: _aio.UnaryUnaryMultiCallable[_service_pb2.CommitUpdateRequest, _service_pb2.CommitReply]  # type: ignore[assignment]
     """Make a staged upload eligible for its round (idempotent)."""
     WaitRound: _aio.UnaryUnaryMultiCallable[_service_pb2.WaitRoundRequest, _service_pb2.RoundInfo]  # type: ignore[assignment]
-    """Long-poll until the given round has closed (or the wait times out)."""
+    """Long-poll until the given round has closed (or the wait times out). The server holds a
+    bounded number of such waits at once; beyond them it answers at once with the current round.
+    """
     WatchRounds: _aio.UnaryStreamMultiCallable[_service_pb2.WatchRoundsRequest, _service_pb2.RoundEvent]  # type: ignore[assignment]
-    """Server-streamed round events (open, closed, finished)."""
+    """Round events: the current round at once, then one each time a round opens or the run
+    finishes (the stream then ends). Holds no server thread while it waits; workers use it.
+    """
     Heartbeat: _aio.UnaryUnaryMultiCallable[_service_pb2.HeartbeatRequest, _service_pb2.HeartbeatReply]  # type: ignore[assignment]
     Leave: _aio.UnaryUnaryMultiCallable[_service_pb2.LeaveRequest, _service_pb2.LeaveReply]  # type: ignore[assignment]
 
@@ -116,7 +124,9 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         request: _service_pb2.WaitRoundRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_service_pb2.RoundInfo, _abc.Awaitable[_service_pb2.RoundInfo]]:
-        """Long-poll until the given round has closed (or the wait times out)."""
+        """Long-poll until the given round has closed (or the wait times out). The server holds a
+        bounded number of such waits at once; beyond them it answers at once with the current round.
+        """
 
     @_abc_1.abstractmethod
     def WatchRounds(
@@ -124,7 +134,9 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         request: _service_pb2.WatchRoundsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_service_pb2.RoundEvent], _abc.AsyncIterator[_service_pb2.RoundEvent]]:
-        """Server-streamed round events (open, closed, finished)."""
+        """Round events: the current round at once, then one each time a round opens or the run
+        finishes (the stream then ends). Holds no server thread while it waits; workers use it.
+        """
 
     @_abc_1.abstractmethod
     def Heartbeat(

@@ -1,5 +1,6 @@
-"""No secret in any file a run leaves: the token and the TLS private keys appear in no log,
-metrics line, checkpoint or worker state, though both went through the command line."""
+"""No secret in any file a run leaves: the token, the TLS private keys and session credentials
+appear in no log, metrics line, checkpoint or worker state, though the token and keys went through
+the command line and the credentials through every call."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import ipaddress
 import secrets
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from dept_comm.channel import open_channel
+from dept_comm.pb import service_pb2, service_pb2_grpc
+from dept_comm.tls import channel_credentials
 from tests.e2e.harness import (
     EXIT_S,
     MARGIN_S,
@@ -50,7 +55,9 @@ def test_token_and_tls_keys_are_in_no_file_of_the_run(global_vocab: Path, tmp_pa
         sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
         usage=ExtendedKeyUsageOID.SERVER_AUTH,
     )
-    client_cert = _issue(pki, "client", issuer=ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    # With mutual TLS the certificate names the worker: "sw" (its --source, hence its name).
+    client_cert = _issue(pki, "sw", issuer=ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    probe_cert = _issue(pki, "probe", issuer=ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     token = f"tok-{secrets.token_hex(16)}"
 
     run = tmp_path / "run"
@@ -67,6 +74,9 @@ def test_token_and_tls_keys_are_in_no_file_of_the_run(global_vocab: Path, tmp_pa
         "--tls-key", str(client_cert.key_path),
     ]  # fmt: skip
     worker = start_worker(worker_args(server.port, "sw", global_vocab, run, extra=tls_worker), run / "sw.log")
+    # A second worker's session credentials go through Join, Heartbeat and a refused call (another
+    # worker's Leave) while the run goes on; the server handles them, and must write them nowhere.
+    sessions = probe_sessions(server.port, token, ca.cert_pem, probe_cert)
     wait_workers({"sw": worker}, RUN_S)
     assert server.wait(EXIT_S) == 0, describe()
     assert server.proc.stdout is not None
@@ -79,7 +89,7 @@ def test_token_and_tls_keys_are_in_no_file_of_the_run(global_vocab: Path, tmp_pa
     names = {p.relative_to(run).parts[0] for p in files}
     assert {"server.log", "sw.log", "server.stdout", "metrics.jsonl", "ckpt", "w-sw"} <= names, sorted(names)
     assert any(p.suffix == ".safetensors" for p in files)
-    needles = {"token": [token.encode()]}
+    needles = {"token": [token.encode()], "session credential": [s.encode() for s in sessions]}
     needles |= {
         f"{name} key": key_material(issued)
         for name, issued in (("server", server_cert), ("client", client_cert))
@@ -94,3 +104,28 @@ def test_token_and_tls_keys_are_in_no_file_of_the_run(global_vocab: Path, tmp_pa
         if any(form in p.read_bytes() for form in forms)
     ]
     assert not leaks, leaks
+
+
+def probe_sessions(port: int, token: str, ca_pem: bytes, cert: Issued) -> list[str]:
+    """Join as "probe" twice (a credential and its replacement), use both, and leave."""
+    creds = channel_credentials(ca_pem, cert.cert_pem, cert.key_pem)
+    auth = (("authorization", f"Bearer {token}"),)
+    out: list[str] = []
+    with open_channel(f"127.0.0.1:{port}", credentials=creds) as channel:
+        stub = service_pb2_grpc.ParameterServerStub(channel)
+        join = service_pb2.JoinRequest(source_id="en", worker_name="probe")
+        for _ in range(2):
+            reply = stub.Join(join, metadata=auth, timeout=30)
+            out.append(reply.session)
+            session = (*auth, ("dept-session", reply.session))
+            stub.Heartbeat(
+                service_pb2.HeartbeatRequest(worker_id=reply.worker_id), metadata=session, timeout=30
+            )
+        with pytest.raises(grpc.RpcError) as refused:  # the sw worker is not ours to remove
+            stub.Leave(service_pb2.LeaveRequest(worker_id="w-other"), metadata=session, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        stub.Leave(
+            service_pb2.LeaveRequest(worker_id=reply.worker_id, reason="probe"), metadata=session, timeout=30
+        )
+    assert all(len(s) >= 40 for s in out) and len(set(out)) == 2
+    return out

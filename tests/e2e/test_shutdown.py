@@ -48,13 +48,12 @@ def test_sigterm_drains_checkpoints_and_exits_zero(tmp_path: Path) -> None:
         )
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stub = service_pb2_grpc.ParameterServerStub(channel)
-        worker_id = stub.Join(
-            service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=CALL_S
-        ).worker_id
+        reply = stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=CALL_S)
+        worker_id, session = reply.worker_id, (*AUTH, ("dept-session", reply.session))
         poll = service_pb2.WaitRoundRequest(worker_id=worker_id, round_idx=0, timeout_ms=1_000)
-        in_flight = stub.WaitRound.future(poll, metadata=AUTH, timeout=GRACE_S + EXIT_S)
+        in_flight = stub.WaitRound.future(poll, metadata=session, timeout=GRACE_S + EXIT_S)
         # Served after the poll was sent on the same connection: the poll is in the server.
-        stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=AUTH, timeout=CALL_S)
+        stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=session, timeout=CALL_S)
 
         server.proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING

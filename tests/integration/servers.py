@@ -50,6 +50,16 @@ class Joined:
     info: StreamOpenInfo
     body: dict[str, torch.Tensor]
 
+    @property
+    def session(self) -> str:
+        """The session credential Join issued to this worker."""
+        return self.reply.session
+
+    def metadata(self, token: str | None = None) -> tuple[tuple[str, str], ...]:
+        """What this worker's calls carry: the bearer token (if any) and its session credential."""
+        auth = (("authorization", f"Bearer {token}"),) if token else ()
+        return (*auth, ("dept-session", self.session))
+
     def sender(self) -> WorkerSender:
         """An encoder of this worker's uploads (one error-feedback state, as a worker keeps)."""
         return WorkerSender(self.worker_id, self.reply.codec_up)

@@ -93,16 +93,18 @@ def test_health_answers_while_every_rpc_thread_is_busy() -> None:
         # Two workers (a worker's second upload would supersede its first), each pushing the
         # open and first chunk of a real upload, then holding the stream open.
         uploads = {}
+        sessions = {}
         for source in ("sw", "en"):
             joined = join_and_pull(client, source)
+            sessions[joined.worker_id] = joined.metadata(TOKEN)
             uploads[joined.worker_id] = [
                 as_message(m) for m in worker_upload(joined, chunk_bytes=4 << 10).messages[:2]
             ]
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         stub = service_pb2_grpc.ParameterServerStub(channel)
         pushes = [
-            stub.PushUpdate.future(held_open(items, release), metadata=AUTH, timeout=60)
-            for items in uploads.values()
+            stub.PushUpdate.future(held_open(items, release), metadata=sessions[w], timeout=60)
+            for w, items in uploads.items()
         ]
 
         def both_held() -> bool:  # the server staged both chunks: each handler waits for more
@@ -123,7 +125,7 @@ def test_health_answers_while_every_rpc_thread_is_busy() -> None:
         # The pool is full: a further call queues behind the held pushes and runs out of time...
         beat = service_pb2.HeartbeatRequest(worker_id=next(iter(uploads)))
         with pytest.raises(grpc.RpcError) as queued:
-            stub.Heartbeat(beat, metadata=AUTH, timeout=2)
+            stub.Heartbeat(beat, metadata=sessions[beat.worker_id], timeout=2)
         assert queued.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # ...while health, on its own threads, still answers.
         assert check(channel, "", timeout=10) == SERVING
@@ -131,7 +133,7 @@ def test_health_answers_while_every_rpc_thread_is_busy() -> None:
         release.set()
         for push in pushes:  # the stream ends after one chunk: a receipt for what it holds
             assert push.result(timeout=30).num_chunks == 1
-        assert stub.Heartbeat(beat, metadata=AUTH, timeout=10).round.round_idx == 0  # threads free again
+        assert stub.Heartbeat(beat, metadata=sessions[beat.worker_id], timeout=10).round.round_idx == 0
         channel.close()
     finally:
         release.set()
@@ -146,11 +148,12 @@ def test_graceful_stop_reports_not_serving_and_lets_in_flight_calls_finish(
     assert next(watch).status == SERVING
 
     stub = service_pb2_grpc.ParameterServerStub(channel)
-    worker_id = stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=10).worker_id
+    reply = stub.Join(service_pb2.JoinRequest(source_id="sw"), metadata=AUTH, timeout=10)
+    worker_id, session = reply.worker_id, (*AUTH, ("dept-session", reply.session))
     poll = service_pb2.WaitRoundRequest(worker_id=worker_id, round_idx=0, timeout_ms=1_500)
-    in_flight = stub.WaitRound.future(poll, metadata=AUTH, timeout=30)
+    in_flight = stub.WaitRound.future(poll, metadata=session, timeout=30)
     # A served heartbeat after the poll was sent: the poll reached the server before the stop.
-    stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=AUTH, timeout=10)
+    stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=session, timeout=10)
 
     stopper = threading.Thread(target=running.stop, args=(20.0,))
     stopper.start()

@@ -38,13 +38,23 @@ def stub(running: RunningServer) -> Iterator[service_pb2_grpc.ParameterServerStu
         yield service_pb2_grpc.ParameterServerStub(channel)
 
 
+SESSIONS: dict[str, str] = {}  # worker id -> its session credential (from Join)
+
+
+def meta(worker_id: str) -> tuple[tuple[str, str], ...]:
+    """The token and ``worker_id``'s session credential, as a worker sends them."""
+    return (*AUTH, ("dept-session", SESSIONS.get(worker_id, "")))
+
+
 def join(stub) -> service_pb2.JoinReply:
-    return stub.Join(service_pb2.JoinRequest(source_id="sw", worker_name="sw"), metadata=AUTH, timeout=10)
+    reply = stub.Join(service_pb2.JoinRequest(source_id="sw", worker_name="sw"), metadata=AUTH, timeout=10)
+    SESSIONS[reply.worker_id] = reply.session
+    return reply
 
 
 def pull(stub, worker_id: str) -> tuple[StreamOpenInfo, dict[str, torch.Tensor]]:
     request = service_pb2.PullRequest(worker_id=worker_id, full=True)
-    return receive_stream(stub.PullBody(request, metadata=AUTH, timeout=30))
+    return receive_stream(stub.PullBody(request, metadata=meta(worker_id), timeout=30))
 
 
 def upload(worker_id: str, info: StreamOpenInfo, tensors: dict[str, torch.Tensor], **overrides) -> list:
@@ -64,14 +74,16 @@ def upload(worker_id: str, info: StreamOpenInfo, tensors: dict[str, torch.Tensor
 
 
 def push(stub, messages) -> service_pb2.PushReceipt:
-    return stub.PushUpdate(iter(messages), metadata=AUTH, timeout=30)
+    # As the worker that joined (a stream may lack its open message: that is what some tests send).
+    sender = messages[0].open.sender_id if messages and messages[0].HasField("open") else next(iter(SESSIONS))
+    return stub.PushUpdate(iter(messages), metadata=meta(sender), timeout=30)
 
 
 def commit(stub, worker_id: str, messages, round_idx: int = 0) -> service_pb2.CommitReply:
     request = service_pb2.CommitUpdateRequest(
         commit=messages[-1].commit, worker_id=worker_id, round_idx=round_idx
     )
-    return stub.CommitUpdate(request, metadata=AUTH, timeout=30)
+    return stub.CommitUpdate(request, metadata=meta(worker_id), timeout=30)
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -97,7 +109,9 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     zeros = {k: torch.zeros_like(v) for k, v in body.items()}
 
     # Unknown worker, stream without an open message, future round, stale base.
-    assert code_of(lambda: pull(stub, "w-nobody")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: pull(stub, "w-nobody")) == grpc.StatusCode.UNAUTHENTICATED  # it has no session
+    SESSIONS["w-nobody"] = SESSIONS[worker_id]  # sw's session cannot act for anyone else
+    assert code_of(lambda: pull(stub, "w-nobody")) == grpc.StatusCode.PERMISSION_DENIED
     msgs = upload(worker_id, info, zeros)
     assert code_of(lambda: push(stub, msgs[1:-1])) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(lambda: push(stub, upload(worker_id, info, zeros, round_idx=5)[:-1])) == (
@@ -142,7 +156,7 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         raw_push = channel.stream_unary("/dept.v1.ParameterServer/PushUpdate")  # bytes as they are
         for wires in ([b"\xff\xff\xff"], cut):
-            assert code_of(lambda: raw_push(iter(wires), metadata=AUTH, timeout=30)) == (  # noqa: B023
+            assert code_of(lambda: raw_push(iter(wires), metadata=meta(worker_id), timeout=30)) == (  # noqa: B023
                 grpc.StatusCode.INVALID_ARGUMENT
             )
 
@@ -168,5 +182,7 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     assert new_info.target_version == 1
     moved = [float((new_body[k] - body[k]).mean()) for k in body]
     assert all(abs(m - 0.01) < 1e-3 for m in moved), "FedAvg of one worker applies its (int8) update"
-    health = stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=AUTH, timeout=10)
+    health = stub.Heartbeat(
+        service_pb2.HeartbeatRequest(worker_id=worker_id), metadata=meta(worker_id), timeout=10
+    )
     assert health.round.round_idx == 1 and health.round.version == 1

@@ -33,6 +33,8 @@ from dept_comm.errors import (
     CommitMismatchError,
     DeptError,
     ManifestMismatchError,
+    MembershipFullError,
+    OverloadedError,
     StaleRoundError,
 )
 from dept_comm.frames import ChunkFrame, as_message
@@ -116,11 +118,19 @@ class Servicer(service_pb2_grpc.ParameterServerServicer):
         yield from encode_stream(self.body, open_info=info, codec=_codec, groups=GROUPS)
 
     def Heartbeat(self, request, context):
+        if request.worker_id.startswith("busy-"):  # overloaded this many more times, with a hint
+            busy = self.__dict__.setdefault("busy", {})
+            left = busy[request.worker_id] = busy.get(request.worker_id, int(request.worker_id[5:])) - 1
+            if left >= 0:
+                abort_with(context, OverloadedError("busy", retry_after_s=0.2))
+            return service_pb2.HeartbeatReply()
+        if request.worker_id == "full":
+            abort_with(context, MembershipFullError("no room"))
         self.calls += 1
         if self.calls <= 2:
             context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
-        if request.step == 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad step")
+        if request.worker_id == "bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad worker")
         return service_pb2.HeartbeatReply()
 
 
@@ -269,7 +279,7 @@ def test_call_with_retry_retries_only_transient_codes(env):
     _, stub, _ = env
     delays = []
     reply = call_with_retry(
-        lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(step=5), timeout=TIMEOUT_S),
+        lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id="ok"), timeout=TIMEOUT_S),
         base_delay_s=0.5,
         max_delay_s=0.75,
         sleep=delays.append,
@@ -279,11 +289,40 @@ def test_call_with_retry_retries_only_transient_codes(env):
     delays.clear()
     with pytest.raises(grpc.RpcError) as info:
         call_with_retry(
-            lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(step=1), timeout=TIMEOUT_S),
+            lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id="bad"), timeout=TIMEOUT_S),
             sleep=delays.append,
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and delays == []
     assert error_from_rpc(info.value) is not None  # an app-only code maps to its base class
+
+
+def test_overload_refusals_are_retried_after_the_servers_hint(env):
+    _, stub, _ = env
+    delays = []
+    reply = call_with_retry(
+        lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id="busy-3"), timeout=TIMEOUT_S),
+        attempts=1,  # overloads have their own budget: not spent from the transient-failure one
+        sleep=delays.append,
+    )
+    assert isinstance(reply, service_pb2.HeartbeatReply)
+    assert len(delays) == 3 and all(0.2 <= d <= 0.4 for d in delays), delays  # hint, jittered up to 2x
+    # RESOURCE_EXHAUSTED without a hint (a full membership) is final, and maps to its class.
+    delays.clear()
+    with pytest.raises(grpc.RpcError) as info:
+        call_with_retry(
+            lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id="full"), timeout=TIMEOUT_S),
+            sleep=delays.append,
+        )
+    assert delays == [] and type(error_from_rpc(info.value)) is MembershipFullError
+    # An exhausted overload budget gives the refusal back, with the hint on the mapped error.
+    with pytest.raises(grpc.RpcError) as info:
+        call_with_retry(
+            lambda: stub.Heartbeat(service_pb2.HeartbeatRequest(worker_id="busy-99"), timeout=TIMEOUT_S),
+            overload_attempts=2,
+            sleep=delays.append,
+        )
+    err = error_from_rpc(info.value)
+    assert isinstance(err, OverloadedError) and err.retry_after_s == pytest.approx(0.2)
 
 
 def _closed_port():

@@ -221,8 +221,10 @@ def test_mutual_tls_admits_only_client_certificates_from_the_ca(mtls_server: Run
     with open_channel(target, credentials=right) as channel:
         # Token and client certificate together: the certificate alone is not enough.
         assert join_code(channel, "cert-no-token", metadata=()) == grpc.StatusCode.UNAUTHENTICATED
-        assert join_code(channel, "cert") == grpc.StatusCode.OK
-    assert joined(mtls_server) == ["cert"]
+        # The certificate names the worker: it joins as "client" (its common name) and nothing else.
+        assert join_code(channel, "someone-else") == grpc.StatusCode.PERMISSION_DENIED
+        assert join_code(channel, "client") == grpc.StatusCode.OK
+    assert joined(mtls_server) == ["client"]
 
 
 # -- the worker's client -----------------------------------------------------------------------
@@ -250,7 +252,7 @@ def test_worker_client_speaks_mutual_tls(mtls_server: RunningServer, pki: Pki) -
     )
     client = client_for(good)
     try:
-        assert client.join(join_request("worker-ok")).worker_id
+        assert client.join(join_request("client")).worker_id  # the certificate's common name
     finally:
         client.close()
 
@@ -272,7 +274,7 @@ def test_worker_client_speaks_mutual_tls(mtls_server: RunningServer, pki: Pki) -
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, name
         finally:
             client.close()
-    assert joined(mtls_server) == ["worker-ok"]
+    assert joined(mtls_server) == ["client"]
 
 
 # -- configuration errors ----------------------------------------------------------------------

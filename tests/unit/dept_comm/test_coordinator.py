@@ -11,6 +11,7 @@ from dept_comm.coordinator import CoordinatorConfig, RoundCoordinator, RunState,
 from dept_comm.errors import (
     ConflictError,
     InvalidInputError,
+    MembershipFullError,
     NotFoundError,
     PermissionDeniedError,
     RoundNotOpenError,
@@ -407,3 +408,80 @@ def test_concurrent_commits_count_exactly_once_each() -> None:
     assert not [t for t in threads if t.is_alive()]
     assert sorted(closers, key=str) == [1, None, None, None]  # exactly one close advanced the round
     assert c.current_round().version == 1
+
+
+# -- membership beyond --workers, a closing round, excused members, the live-worker cap ----------
+
+
+def _commit(c: RoundCoordinator, worker_id: str, round_idx: int = 0) -> None:
+    upload = c.begin_upload(worker_id, round_idx)
+    c.commit(worker_id, upload, round_idx)
+
+
+def test_a_joiner_beyond_expected_workers_takes_part_from_the_next_round() -> None:
+    c = make(Clock(), expected_workers=2, min_workers=2)
+    a, b = join(c, "a"), join(c, "b")
+    extra = c.join("x", "src-x", "spec", "vocab")
+    assert extra.admitted_round == 1  # known at join: no room in round 0
+    with pytest.raises(RoundNotOpenError, match="takes part from round 1"):
+        c.check_push(extra.worker_id, 0)
+    _commit(c, a)
+    _commit(c, b)
+    assert c.ready_to_close()
+    c.close_round(b"d1")
+    # Round 1 admits every live worker, the extra one included, and waits for all three.
+    assert set(c.round_record().members) == {a, b, extra.worker_id}
+    assert c.worker(extra.worker_id).admitted_round == 1
+    _commit(c, a, 1)
+    _commit(c, b, 1)
+    assert not c.ready_to_close()
+    _commit(c, extra.worker_id, 1)
+    assert c.ready_to_close()
+
+
+def test_a_round_that_is_closing_admits_no_one() -> None:
+    c = make(Clock(), expected_workers=2, min_workers=1)
+    a = join(c, "a")
+    _commit(c, a)
+    # Only one of the two expected workers registered: the round still waits for slow starters.
+    b = c.join("b", "src-b", "spec", "vocab")
+    assert b.admitted_round == 0
+    _commit(c, b.worker_id)
+    # Every live member committed: a joiner now would only train for a round already over.
+    late = c.join("late", "src-late", "spec", "vocab")
+    assert late.admitted_round == 1
+    assert c.ready_to_close()
+
+
+def test_an_excused_member_is_not_waited_for() -> None:
+    c = make(Clock(), expected_workers=3, min_workers=2)
+    a, b, x = join(c, "a"), join(c, "b"), join(c, "x")
+    _commit(c, a)
+    _commit(c, b)
+    upload = c.begin_upload(x, 0)
+    assert not c.ready_to_close()
+    assert c.excuse(x, 0)
+    assert upload in c.take_dropped_uploads()  # its staging can go
+    assert c.ready_to_close()
+    assert not c.excuse(x, 0) and not c.excuse(a, 0)  # already out; a committed
+    with pytest.raises(RoundNotOpenError):
+        c.check_push(x, 0)
+    c.close_round(b"d1")
+    assert x in c.round_record().members  # back from the next round
+
+
+def test_max_workers_caps_live_workers() -> None:
+    clock = Clock()
+    c = make(clock, expected_workers=1, max_workers=2, heartbeat_timeout_s=10.0)
+    a, _ = join(c, "a"), join(c, "b")
+    with pytest.raises(MembershipFullError, match="--max-workers"):
+        join(c, "c")
+    assert join(c, "a") == a  # a live worker joining again is no new member
+    c.leave(a)
+    join(c, "c")  # a's place is free
+    with pytest.raises(MembershipFullError):
+        join(c, "d")
+    clock.t += 11.0  # everyone silent past the heartbeat timeout: offline, their places free
+    join(c, "d")
+    with pytest.raises(ValueError, match="max_workers"):
+        CoordinatorConfig(num_rounds=1, expected_workers=3, max_workers=2)

@@ -20,6 +20,11 @@ from dept_worker.config import WorkerConfig
         (["--variant", "nope"], "nope"),
         (["--codec-up", "gzip"], "gzip"),
         (["--port", "70000"], "70000"),
+        (["--workers", "5", "--max-workers", "4"], "--max-workers (4) must be at least --workers (5)"),
+        (["--max-update-norm-ratio", "0.5"], "--max-update-norm-ratio must be 0 (off) or > 1"),
+        (["--heartbeat-timeout", "0"], "--heartbeat-timeout"),
+        (["--max-streams", "0"], "--max-streams"),
+        (["--tokens", "/nonexistent/tokens.txt"], "tokens.txt"),
     ],
 )
 def test_server_rejects_bad_flags(args: list[str], needle: str) -> None:
@@ -55,3 +60,12 @@ def test_configs_validate_directly() -> None:
         WorkerConfig(server="h:1", source="sw", lr=0)
     with pytest.raises(ValueError, match="min_bandwidth_mbps"):
         WorkerConfig(server="h:1", source="sw", min_bandwidth_mbps=0)
+
+
+def test_tokens_and_token_exclude_each_other(tmp_path) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("alice a-token\n")
+    result = CliRunner().invoke(server_main, ["--tokens", str(tokens), "--token", "shared"])
+    assert result.exit_code == 2 and "exclude each other" in result.output, result.output
+    assert ServerConfig(max_streams=8).rpc_threads == 8 + 12  # streams, bounded waits, short calls
+    assert ServerConfig(max_workers_threads=3).rpc_threads == 3
