@@ -259,7 +259,9 @@ def call_with_retry(
     max_delay_s: float = 20.0,
     retry_on: Collection[grpc.StatusCode] = _RETRY_ON,
     overload_attempts: int = 40,
+    retry_for_s: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying only ``retry_on`` codes with full-jitter backoff.
@@ -267,8 +269,10 @@ def call_with_retry(
     The n-th retry waits ``uniform(0, min(max_delay_s, base_delay_s * 2**n))``. An overloaded
     server's refusal (``retry_after_hint``) is retried on its own budget of ``overload_attempts``:
     each waits ``uniform(hint, 2 * hint)`` (at most ``max_delay_s``), so refused callers spread out
-    instead of coming back together. Safe only for idempotent calls (uploads are keyed by upload
-    id and seq).
+    instead of coming back together. ``retry_for_s`` keeps retrying ``retry_on`` codes past
+    ``attempts`` until that many seconds have passed since the first call (a server restarting on
+    a busy host can take tens of seconds to listen again). Safe only for idempotent calls (uploads
+    are keyed by upload id and seq).
 
     Raises:
         grpc.RpcError: a code not in ``retry_on``, or the last attempt's error.
@@ -278,6 +282,7 @@ def call_with_retry(
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     draw = (rng or random).uniform
     attempt = overloads = 0
+    started = clock()
     while True:
         try:
             return fn()
@@ -290,10 +295,23 @@ def call_with_retry(
                 logger.info("rpc_overloaded retry=%d/%d delay_s=%.2f", overloads, overload_attempts, delay)
                 sleep(delay)
                 continue
-            if code not in retry_on or attempt == attempts - 1:
+            if code not in retry_on:
                 raise
-            delay = draw(0.0, min(max_delay_s, base_delay_s * (2**attempt)))
-            logger.warning("rpc_retry attempt=%d/%d code=%s delay_s=%.2f", attempt + 1, attempts, code, delay)
+            elapsed = clock() - started
+            if attempt >= attempts - 1 and elapsed >= retry_for_s:
+                raise
+            delay = draw(0.0, min(max_delay_s, base_delay_s * (2 ** min(attempt, 30))))
+            if retry_for_s > elapsed:
+                delay = min(delay, retry_for_s - elapsed)
+            logger.warning(
+                "rpc_retry attempt=%d/%d code=%s delay_s=%.2f elapsed_s=%.1f retry_for_s=%.0f",
+                attempt + 1,
+                attempts,
+                code,
+                delay,
+                elapsed,
+                retry_for_s,
+            )
             attempt += 1
             sleep(delay)
 

@@ -79,6 +79,14 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
     default=600.0,
     help="Under torchrun: seconds a collective, or rank 0's silence, may last before the ranks give up.",
 )
+@click.option(
+    "--reconnect-timeout",
+    "reconnect_timeout_s",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a call keeps retrying while the server cannot be reached (e.g. it restarts with --resume).",
+)
 def main(**options: object) -> None:
     """Train one data source and exchange body updates with dept-server.
 

@@ -46,6 +46,7 @@ class ServerClient:
         token: str | None = None,
         timeout_s: float = 60.0,
         retry_attempts: int = 8,
+        retry_for_s: float = 0.0,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
         stream_idle_s: float | None = None,
@@ -64,6 +65,7 @@ class ServerClient:
         self.session: str | None = None
         self._timeout_s = timeout_s
         self._attempts = retry_attempts
+        self._retry_for_s = retry_for_s
         self.stream_idle_s = stream_idle_s if stream_idle_s is not None else stream_idle_for(1.0)
 
     @property
@@ -79,7 +81,9 @@ class ServerClient:
     def _call(self, fn: Callable[[], T], *, retry: bool = True) -> T:
         """Run one call; UNAVAILABLE/DEADLINE_EXCEEDED are retried with backoff, others mapped."""
         try:
-            return call_with_retry(fn, attempts=self._attempts if retry else 1)
+            if not retry:
+                return call_with_retry(fn, attempts=1)
+            return call_with_retry(fn, attempts=self._attempts, retry_for_s=self._retry_for_s)
         except grpc.RpcError as err:
             mapped = error_from_rpc(err)
             if mapped is not None:

@@ -37,6 +37,7 @@ class WorkerConfig:
     tls_key: Path | None = None  # PEM private key of tls_cert
     tls_server_name: str | None = None  # name the server certificate must carry, if not the host's
     rpc_timeout_s: float = 60.0
+    reconnect_timeout_s: float = 300.0  # how long calls are retried while the server cannot be reached
     min_bandwidth_mbps: float = 1.0  # a pull or push slower than this for a whole chunk is stalled
     compile: bool = False
     attn: str = "auto"  # auto | flex | sdpa (dept_model.attention): ALiBi through FlexAttention or SDPA
@@ -66,6 +67,8 @@ class WorkerConfig:
             )
         if self.parallel not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if not self.reconnect_timeout_s >= 0:
+            raise ValueError(f"reconnect_timeout_s must be >= 0, got {self.reconnect_timeout_s}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         self._check_tls()

@@ -345,6 +345,7 @@ def connect(config: WorkerConfig) -> ServerClient:
         config.server,
         token=config.token,
         timeout_s=config.rpc_timeout_s,
+        retry_for_s=config.reconnect_timeout_s,
         credentials=config.channel_credentials(),
         server_name=config.tls_server_name,
         stream_idle_s=stream_idle_for(config.min_bandwidth_mbps),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -88,3 +89,37 @@ def test_a_fired_guard_turns_the_cancelled_calls_error_into_a_stall():
     # Not fired: the error is the call's own.
     with pytest.raises(grpc.FutureCancelledError), StallGuard(1.0, clock=Clock()):
         raise grpc.FutureCancelledError()
+
+
+def test_retry_for_s_outlasts_a_server_restart_and_then_gives_up():
+    """Calls keep failing for 40 s (a server restarting on a busy host): 3 attempts alone give
+    up within seconds; a 60 s window gets through; a 10 s window gives up once both are spent."""
+    clock = Clock()
+
+    def sleep(s: float) -> None:
+        clock.now += s
+
+    def restarting(until: float) -> Callable[[], str]:
+        def call() -> str:
+            clock.now += 0.01
+            if clock.now < until:
+                raise StalledStreamError(1.0)  # DEADLINE_EXCEEDED: retried like UNAVAILABLE
+            return "up"
+
+        return call
+
+    start = clock.now
+    with pytest.raises(StalledStreamError):
+        call_with_retry(restarting(start + 40), attempts=3, sleep=sleep, clock=clock)
+    assert clock.now - start < 40
+
+    start = clock.now
+    assert (
+        call_with_retry(restarting(start + 40), attempts=3, retry_for_s=60, sleep=sleep, clock=clock) == "up"
+    )
+    assert clock.now - start < 60 + 20  # at most one back-off past the window
+
+    start = clock.now
+    with pytest.raises(StalledStreamError):
+        call_with_retry(restarting(start + 1000), attempts=3, retry_for_s=10, sleep=sleep, clock=clock)
+    assert 10 <= clock.now - start < 10 + 20
