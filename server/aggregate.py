@@ -9,7 +9,7 @@ whatever the network timing (fp32 running sums differ in the last bits between o
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -64,34 +64,43 @@ class RoundAggregate:
             self._row_weights: torch.Tensor | None = None
             self.num_contributions = 0
 
-    def fold(self, update: Mapping[str, torch.Tensor], *, num_tokens: int = 0) -> None:
+    def fold(
+        self, update: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *, num_tokens: int = 0
+    ) -> None:
         """Add one verified worker update (validated against its manifest beforehand).
 
         Args:
-            update: decoded deltas by wire name.
+            update: decoded deltas by wire name: a mapping, or (name, tensor) pairs decoded one at
+                a time (e.g. from a staged upload), so that no full fp32 copy of an update exists.
             num_tokens: tokens the worker trained on this round (used by ``tokens`` weighting).
 
         Raises:
             ValueError: an unknown tensor or shape, or ``tokens`` weighting without tokens.
         """
         weight = contribution_weight(self.weighting, num_tokens)
+        pairs = update.items() if isinstance(update, Mapping) else update
+        rows: dict[str, torch.Tensor] = {}
         with self._lock:
-            for name, delta in update.items():
+            for name, delta in pairs:
                 if name in (EMB_ROWS, EMB_IDS):
+                    rows[name] = delta
                     continue
                 shape = self._dense_shapes.get(name)
                 if shape is None or tuple(delta.shape) != tuple(shape):
                     raise ValueError(
                         f"tensor {name!r} with shape {tuple(delta.shape)} is not in the manifest"
                     )
-                d = delta.detach().to(torch.float64) * weight
-                if name in self._sums:
-                    self._sums[name].add_(d)
+                acc = self._sums.get(name)
+                if acc is None:
+                    self._sums[name] = delta.detach().to(torch.float64).mul_(weight)
+                elif weight == 1.0:
+                    acc.add_(delta.detach())  # promoted to float64 element by element, no temporary
                 else:
-                    self._sums[name] = d
+                    acc.add_(delta.detach().to(torch.float64).mul_(weight))
+                del delta
                 self._weights[name] = self._weights.get(name, 0.0) + weight
             if self._trim_rows is not None:
-                self._fold_rows(update[EMB_IDS], update[EMB_ROWS], weight)
+                self._fold_rows(rows[EMB_IDS], rows[EMB_ROWS], weight)
             self.num_contributions += 1
 
     def _fold_rows(self, ids: torch.Tensor, rows: torch.Tensor, weight: float) -> None:
@@ -109,11 +118,35 @@ class RoundAggregate:
         with self._lock:
             out = {name: (acc / self._weights[name]).to(torch.float32) for name, acc in self._sums.items()}
             if self._trim_rows is not None:
-                dense = torch.zeros(self._trim_rows, dtype=torch.float32)
-                if self._row_sums is not None and self._row_weights is not None:
-                    ids = torch.nonzero(self._row_weights > 0).flatten()
-                    if ids.numel():
-                        rows = self._row_sums[ids] / self._row_weights[ids].unsqueeze(1)
-                        dense.index_copy_(0, ids, rows.to(torch.float32))
-                out[EMB_WEIGHT] = dense
+                out[EMB_WEIGHT] = self._row_mean()
             return out
+
+    def _row_mean(self) -> torch.Tensor:
+        assert self._trim_rows is not None
+        dense = torch.zeros(self._trim_rows, dtype=torch.float32)
+        if self._row_sums is not None and self._row_weights is not None:
+            ids = torch.nonzero(self._row_weights > 0).flatten()
+            if ids.numel():
+                rows = self._row_sums[ids] / self._row_weights[ids].unsqueeze(1)
+                dense.index_copy_(0, ids, rows.to(torch.float32))
+        return dense
+
+    def take_means(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The same means as ``mean()``, one tensor at a time, each float64 sum freed as its mean
+        is made: closing a round never holds the sums and the means of the whole body at once.
+        The aggregate is reset afterwards (also when the consumer stops early)."""
+        try:
+            for name in list(self._sums):
+                with self._lock:
+                    acc = self._sums.pop(name)
+                    weight = self._weights[name]
+                mean = acc.div_(weight).to(torch.float32)  # in place: the same values as acc / weight
+                del acc
+                yield name, mean
+            if self._trim_rows is not None:
+                with self._lock:
+                    dense = self._row_mean()
+                    self._row_sums = self._row_weights = None
+                yield EMB_WEIGHT, dense
+        finally:
+            self.reset()

@@ -8,9 +8,10 @@ import math
 import os
 import threading
 import time
-import uuid
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,9 @@ from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
-from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
+from dept_comm.memory import release_freed_memory
+from dept_comm.staging import StagingArea
+from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 
 from .aggregate import RoundAggregate
 from .config import ServerConfig
@@ -108,7 +111,8 @@ class ServerApp:
             trim_rows=(vocab, dim) if config.variant == "trim" else None,
             weighting=config.outer_weighting,
         )
-        self._stream_config = StreamConfig()
+        self._staging_tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.staging = self._staging_area(config)
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._uploads: dict[str, tuple[str, int, StreamReceiver]] = {}  # upload_id -> (worker, round, rx)
@@ -129,6 +133,18 @@ class ServerApp:
                 raise
 
     # -- startup -----------------------------------------------------------------------------
+    def _staging_area(self, config: ServerConfig) -> StagingArea:
+        """Uploads wait in memory up to --staging-memory-mib, then in files (stale ones removed)."""
+        directory = config.staging_dir
+        if directory is None and config.checkpoint_dir is not None:
+            directory = config.checkpoint_dir / "staging"
+        if directory is None:
+            self._staging_tmp = tempfile.TemporaryDirectory(prefix="dept-staging-")
+            directory = Path(self._staging_tmp.name)
+        area = StagingArea(directory, config.staging_memory_mib << 20)
+        area.clean_stale()
+        return area
+
     def _resume(self) -> None:
         assert self._store is not None
         ckpt = self._store.latest()
@@ -229,6 +245,8 @@ class ServerApp:
             raise NotFoundError(f"unknown worker {worker_id!r}; join first")
 
     def pull(self, req: service_pb2.PullRequest) -> Iterator[StreamItem]:
+        """The current version's down-link (built once at the round's close) from the chunk the
+        request resumes at; no lock is held while it streams, and the body is never copied."""
         self._known(req.worker_id)
         row_ids = None
         if self.config.variant == "trim":
@@ -238,31 +256,18 @@ class ServerApp:
                     self._row_ids[req.worker_id] = row_ids
             else:
                 row_ids = self._row_ids.get(req.worker_id)
-        with self._close_lock:  # a consistent snapshot: no round closes mid-plan
-            plan = self.model.pull_plan(have_version=req.have_version, full=req.full, row_ids=row_ids)
-            round_idx = self.coordinator.current_round().round_idx
-            open_info = StreamOpenInfo(
-                upload_id=f"pull-{uuid.uuid4().hex}",
-                sender_id="server",
-                round_idx=round_idx,
-                base_version=plan.base_version,
-                base_digest=plan.base_digest,
-                target_version=plan.target_version,
-                target_digest=plan.target_digest,
-                is_delta=plan.is_delta,
-            )
-            messages = list(
-                encode_stream(
-                    plan.tensors,
-                    open_info=open_info,
-                    codec=plan.codec_for,
-                    groups=plan.groups,
-                    config=self._stream_config,
-                    encoder=plan.encoder,
-                )
-            )
+        downlink = self.model.downlink  # one immutable version, whatever closes meanwhile
+        round_idx = self.coordinator.current_round().round_idx
+        messages = downlink.stream(
+            delta=downlink.wants_delta(have_version=req.have_version, full=req.full),
+            round_idx=round_idx,
+            row_ids=row_ids,
+            resume_from_seq=req.resume_from_seq,
+            resume_upload_id=req.resume_upload_id,
+            resume_target_digest=req.resume_target_digest,
+        )
         meter = self._worker_round(req.worker_id, round_idx).down
-        return metered(iter(messages), meter)
+        return metered(messages, meter)
 
     def push(self, messages: Iterable[WireItem]) -> service_pb2.PushReceipt:
         it = iter(messages)
@@ -302,7 +307,12 @@ class ServerApp:
                 limits = ReceiveLimits(
                     max_tensors=len(manifest), allowed_codecs=frozenset({self.config.codec_up, "raw", "fp32"})
                 )
-                rx = StreamReceiver(manifest=manifest, limits=limits, expected_upload_id=info.upload_id)
+                rx = StreamReceiver(
+                    manifest=manifest,
+                    limits=limits,
+                    expected_upload_id=info.upload_id,
+                    staging=self.staging.upload(),
+                )
                 rx.add(first)
                 entry = (worker_id, info.round_idx, rx)
                 self._uploads[info.upload_id] = entry
@@ -359,7 +369,9 @@ class ServerApp:
             raise PermissionDeniedError("upload belongs to another worker or round")
         self._worker_round(worker_id, round_idx).up.observe(req)
         rx.commit(req.commit)
-        update = rx.decode_all()  # validates every tensor (finite, manifest) before folding any
+        # Every tensor is checked (finite, manifest) before any is folded; both passes decode one
+        # tensor at a time, so no full fp32 copy of an update exists, however many commit at once.
+        rx.validate()
         with self._close_lock:
             self.coordinator.check_push(req.worker_id, req.round_idx)
             counted = self._counted_upload(worker_id, round_idx)
@@ -367,7 +379,9 @@ class ServerApp:
                 raise ConflictError(
                     f"worker {worker_id} already committed upload {counted} for round {round_idx}"
                 )
-            self._aggregate.fold(update, num_tokens=int(req.num_tokens))
+            self._aggregate.fold(
+                ((spec.name, t) for spec, t in rx.tensors()), num_tokens=int(req.num_tokens)
+            )
             self.coordinator.commit(worker_id, upload_id, round_idx)
             with self._lock:
                 self._uploads.pop(upload_id, None)
@@ -427,8 +441,7 @@ class ServerApp:
     def _close_round(self, round_idx: int) -> None:
         started = time.monotonic()
         num = self._aggregate.num_contributions
-        self.model.apply_round(self._aggregate.mean())
-        self._aggregate.reset()
+        self.model.apply_round(self._aggregate.take_means())  # tensor by tensor; resets the sums
         record = self._round_record(round_idx, num)
         self.records.append(record)
         # Checkpoint first (it carries the records), then the JSONL line: a kill in between
@@ -447,6 +460,7 @@ class ServerApp:
         )
         self._round_started = time.monotonic()
         self._free_dropped_uploads()  # the coordinator dropped what was left open in the round
+        release_freed_memory()  # the round's sums and the previous version go back to the system
         if state.finished:
             self.finished.set()
 
@@ -554,5 +568,11 @@ class ServerApp:
                 f.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
+        with self._lock:
+            uploads, self._uploads = list(self._uploads.values()), {}
+        for _, _, rx in uploads:
+            rx.discard()  # removes their staging files
         if self._store is not None:
             self._store.close()
+        if self._staging_tmp is not None:
+            self._staging_tmp.cleanup()

@@ -44,6 +44,20 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 @click.option("--codec-down", type=click.Choice(CODECS), default="int8")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint.")
+@click.option(
+    "--staging-memory-mib",
+    type=click.IntRange(min=0),
+    default=1024,
+    help="Encoded bytes of open (uncommitted) uploads kept in memory; beyond it they go to files"
+    " in --staging-dir.",
+)
+@click.option(
+    "--staging-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where uploads beyond --staging-memory-mib wait [default: <checkpoint-dir>/staging, else a"
+    " temp dir]; stale files are removed at start.",
+)
 @click.option("--metrics-path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None)
 @click.option(

@@ -44,6 +44,8 @@ class ServerConfig:
     tls_key: Path | None = None  # PEM private key of tls_cert
     tls_client_ca: Path | None = None  # PEM CA: require client certificates it signed (mutual TLS)
     linger_s: float = 0.0  # after the last round, keep serving --metrics-port for a final scrape
+    staging_memory_mib: int = 1024  # encoded bytes of open uploads held in memory; the rest in files
+    staging_dir: Path | None = None  # None: <checkpoint_dir>/staging, else a temp dir
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,6 +74,8 @@ class ServerConfig:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.staging_memory_mib < 0:
+            raise ValueError(f"staging_memory_mib must be >= 0, got {self.staging_memory_mib}")
         self._check_tls()
 
     def _check_tls(self) -> None:
