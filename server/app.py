@@ -41,7 +41,7 @@ from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 
 from .aggregate import RoundAggregate
 from .config import ServerConfig
-from .initial import initial_shared_tensors
+from .initial import InitialState, initial_shared_tensors
 from .model_state import GlobalModel
 
 logger = logging.getLogger(__name__)
@@ -87,10 +87,12 @@ class WorkerRound:
 class ServerApp:
     """Everything dept-server does between decoding a request and encoding the reply."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, initial: InitialState | None = None) -> None:
+        """``initial``: the starting tensors, vocabulary digest and run description (default:
+        built from ``config.model``; the load benchmark passes a synthetic body)."""
         self.config = config
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
-        shared, vocab_digest, self.run_info = initial_shared_tensors(config)
+        shared, vocab_digest, self.run_info = initial if initial is not None else initial_shared_tensors(config)
         self.vocab_digest = vocab_digest
         outer = build_outer(config.outer, config.outer_lr, config.outer_momentum)
         self.model = GlobalModel(

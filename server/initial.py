@@ -12,8 +12,10 @@ from dept_model.tokenizer import load_tokenizer, vocab_digest
 
 from .config import ServerConfig
 
+InitialState = tuple[dict[str, torch.Tensor], str, dict[str, Any]]  # shared tensors, vocab digest, run info
 
-def initial_shared_tensors(config: ServerConfig) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+
+def initial_shared_tensors(config: ServerConfig) -> InitialState:
     """Build the initial body (and global embeddings for glob/trim) deterministically from the seed.
 
     Returns the shared tensors by wire name, the global vocabulary digest ("" without one) and

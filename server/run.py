@@ -14,12 +14,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from dept_comm.channel import bind, build_server
+from dept_comm.memory import release_freed_memory
 from dept_comm.service import SERVICE_NAME, add_parameter_server
 from dept_comm.tls import server_credentials
 
 from .app import ServerApp
 from .auth import TokenInterceptor
 from .config import ServerConfig
+from .initial import InitialState
 from .metrics_http import serve_metrics, summary_table
 from .servicer import ParameterServerServicer
 
@@ -121,7 +123,7 @@ def _add_health(server: grpc.Server) -> health.HealthServicer:
     return servicer
 
 
-def start_server(config: ServerConfig) -> RunningServer:
+def start_server(config: ServerConfig, initial: InitialState | None = None) -> RunningServer:
     """Create the app, bind the port (fails clearly if taken) and start serving.
 
     Raises:
@@ -129,7 +131,8 @@ def start_server(config: ServerConfig) -> RunningServer:
         BindError: the port cannot be bound.
     """
     credentials = _credentials(config)
-    app = ServerApp(config)
+    app = ServerApp(config, initial)
+    release_freed_memory()  # what building the model freed (its own copy of every tensor) goes back
     interceptors = [TokenInterceptor(config.token)] if config.token else []
     server = build_server(config.max_workers_threads, interceptors=interceptors)
     add_parameter_server(ParameterServerServicer(app), server)
