@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from dept_comm.memory import keep_freed_memory
 from dept_server.config import ServerConfig
-from dept_server.run import start_server
+from dept_server.run import start_server, tune_malloc
 
 TENSOR_ELEMENTS = 1 << 20  # 4 MiB fp32 tensors (the 125m preset's are 2.4-9.4 MB)
 
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-path", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    keep_freed_memory(max_arenas=0)  # as dept-server's CLI does
+    tune_malloc()  # as dept-server's CLI does
+    if os.environ.get("DEPT_LOAD_ARENAS"):  # profiling: the malloc arenas the server may use
+        keep_freed_memory(max_arenas=int(os.environ["DEPT_LOAD_ARENAS"]))
     config = ServerConfig(
         port=0,
         rounds=args.rounds,

@@ -436,9 +436,17 @@ class StreamReceiver:
                 out = stage.decode(self._limits.require_finite, device)
                 self._staged_bytes -= stage.encoded_bytes
                 yield stage.spec, out
+                del out  # the consumer's reference is the only one while it asks for the next
         finally:
             if self._staging is not None:
                 self._staging.close()
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``tensors()`` as (name, tensor) pairs, holding no tensor once the next is asked for
+        (for a fold that must never have two decoded tensors of one update at once)."""
+        for spec, t in self.tensors():
+            yield spec.name, t
+            del t
 
     def validate(self) -> None:
         """Decode every committed tensor once to check it (digest, shape, finite values) and keep

@@ -381,9 +381,7 @@ class ServerApp:
                 raise ConflictError(
                     f"worker {worker_id} already committed upload {counted} for round {round_idx}"
                 )
-            self._aggregate.fold(
-                ((spec.name, t) for spec, t in rx.tensors()), num_tokens=int(req.num_tokens)
-            )
+            self._aggregate.fold(rx.named_tensors(), num_tokens=int(req.num_tokens))
             self.coordinator.commit(worker_id, upload_id, round_idx)
             with self._lock:
                 self._uploads.pop(upload_id, None)

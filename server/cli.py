@@ -12,10 +12,9 @@ import click
 
 from dept_comm.channel import BindError
 from dept_comm.errors import DeptError
-from dept_comm.memory import keep_freed_memory
 
 from .config import OUTER_OPTIMIZERS, OUTER_WEIGHTINGS, VARIANTS, ServerConfig
-from .run import run
+from .run import run, tune_malloc
 
 CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
 PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
@@ -95,7 +94,7 @@ def main(**options: object) -> None:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     # Reuse freed memory instead of page-faulting fresh chunks in: ~2x the stream throughput here.
-    keep_freed_memory(max_arenas=0)
+    tune_malloc()
     try:
         config = ServerConfig(**options)  # type: ignore[arg-type]
         config.tls_pems()  # unreadable or non-PEM files: a usage error now, not a failed start
