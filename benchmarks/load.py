@@ -190,9 +190,11 @@ def run_one(workers: int, body_mib: int, *, codec: str = "int8", rounds: int = R
             for s in sims:
                 s.start()
             peak_kib = idle_kib
+            samples: list[tuple[float, int]] = []
             while any(s.is_alive() for s in sims):
                 peak_kib = max(peak_kib, _proc_kib(proc.pid, "VmHWM"))
-                time.sleep(0.2)
+                samples.append((time.monotonic(), _proc_kib(proc.pid, "VmRSS")))
+                time.sleep(0.1)
             peak_kib = max(peak_kib, _proc_kib(proc.pid, "VmHWM"))
             errors = [repr(s.error) for s in sims if s.error is not None]
             proc.wait(timeout=300)
@@ -203,6 +205,12 @@ def run_one(workers: int, body_mib: int, *, codec: str = "int8", rounds: int = R
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     folded = sum(int(r.get("num_workers", 0)) for r in records if r.get("kind") != "final")
     last = spans[-1]
+
+    def phase_mib(span: Span) -> float:  # the highest RSS sampled while calls of this kind ran
+        inside = [kib for t, kib in samples if span.start <= t <= span.end]
+        return round(max(inside, default=0) / 1024, 1)
+
+    phases = {f"r{r}_{k}": phase_mib(sp[k]) for r, sp in enumerate(spans) for k in ("pull", "push")}
     return {
         "workers": workers,
         "body_mib": body_mib,
@@ -219,6 +227,7 @@ def run_one(workers: int, body_mib: int, *, codec: str = "int8", rounds: int = R
         "folded": folded,
         "expected_folds": workers * rounds,
         "staging_memory_mib": staging_memory_mib,
+        "rss_mib_by_phase": phases,
         "errors": errors[:5],
     }
 
