@@ -39,7 +39,9 @@ def _command(name: str, module: str) -> click.Command:
     )
     @click.option("--presets", default=None, help="step: comma-separated presets, e.g. 125m,350m.")
     @click.option(
-        "--runs", default=None, help="load: comma-separated WORKERSxBODY_MIB, e.g. 64x64,8x512 [default: all]."
+        "--runs",
+        default=None,
+        help="load: comma-separated WORKERSxBODY_MIB, e.g. 64x64,8x512 [default: all].",
     )
     @click.option(
         "--staging-memory-mib",

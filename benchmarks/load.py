@@ -35,7 +35,7 @@ import torch
 
 from dept_comm.channel import open_channel
 from dept_comm.codecs import get_codec
-from dept_comm.frames import StreamItem, as_message, kind_of
+from dept_comm.frames import StreamItem, Undecodable, as_message, kind_of
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import StreamOpenInfo, encode_stream
@@ -68,7 +68,11 @@ class Span:
 
     def add(self, start: float, end: float, nbytes: int) -> None:
         with self.lock:
-            self.start, self.end, self.nbytes = min(self.start, start), max(self.end, end), self.nbytes + nbytes
+            self.start, self.end, self.nbytes = (
+                min(self.start, start),
+                max(self.end, end),
+                self.nbytes + nbytes,
+            )
 
     def mbps(self) -> float:
         return self.nbytes / 1e6 / max(self.end - self.start, 1e-9)
@@ -128,7 +132,7 @@ class SimWorker(threading.Thread):
             request = service_pb2.PullRequest(worker_id=wid, have_version=max(version, 0), full=version < 0)
             for msg in stub.PullBody(request):
                 nbytes += msg.ByteSize()
-                if kind_of(msg) == "open":
+                if kind_of(msg) == "open" and not isinstance(msg, Undecodable):
                     opened = as_message(msg).open
             assert opened is not None
             self.spans[r]["pull"].add(t0, time.monotonic(), nbytes)
@@ -145,7 +149,9 @@ class SimWorker(threading.Thread):
             sent = [0]
             commit: list[Any] = []
 
-            def counted(it: Iterator[StreamItem], sent: list[int] = sent, commit: list[Any] = commit) -> Iterator[StreamItem]:
+            def counted(
+                it: Iterator[StreamItem], sent: list[int] = sent, commit: list[Any] = commit
+            ) -> Iterator[StreamItem]:
                 for m in it:
                     if kind_of(m) == "commit":
                         commit.append(as_message(m).commit)
@@ -166,7 +172,9 @@ class SimWorker(threading.Thread):
         channel.close()
 
 
-def run_one(workers: int, body_mib: int, *, codec: str = "int8", rounds: int = ROUNDS, staging_memory_mib: int = 1024) -> dict[str, Any]:
+def run_one(
+    workers: int, body_mib: int, *, codec: str = "int8", rounds: int = ROUNDS, staging_memory_mib: int = 1024
+) -> dict[str, Any]:
     """One load run; the server is its own process, its RSS read from /proc."""
     with tempfile.TemporaryDirectory(prefix="dept-load-") as tmp:
         metrics = Path(tmp) / "metrics.jsonl"
@@ -234,9 +242,10 @@ def run_one(workers: int, body_mib: int, *, codec: str = "int8", rounds: int = R
 
 def run(quick: bool = False, runs: str | None = None, staging_memory_mib: int = 1024) -> dict[str, Any]:
     """Every configured run, one after another (so their memory never adds up)."""
-    todo = QUICK_RUNS if quick else FULL_RUNS
+    todo: tuple[tuple[int, int], ...] = QUICK_RUNS if quick else FULL_RUNS
     if runs:
-        todo = tuple(tuple(int(v) for v in item.split("x")) for item in runs.split(","))  # type: ignore[misc]
+        pairs = [item.split("x") for item in runs.split(",")]
+        todo = tuple((int(w), int(b)) for w, b in pairs)
     out = []
     for workers, body_mib in todo:
         logger.info("load run workers=%d body_mib=%d", workers, body_mib)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from dept_comm.memory import keep_freed_memory
-from dept_server.config import ServerConfig
-from dept_server.run import start_server, tune_malloc
+from dept_server.config import ServerConfig  # type: ignore[import-not-found]  # mypy checks server/ as "server"
+from dept_server.run import start_server, tune_malloc  # type: ignore[import-not-found]
 
 TENSOR_ELEMENTS = 1 << 20  # 4 MiB fp32 tensors (the 125m preset's are 2.4-9.4 MB)
 

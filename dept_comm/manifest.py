@@ -364,8 +364,10 @@ class TensorStage:
         else:
             data = buf.read(0, self.encoded_bytes)
             if is_same_bytes(self.codec.name, spec.dtype):  # spilled to a file: the read is the copy
-                out = torch.frombuffer(data, dtype=spec.dtype).reshape(spec.shape) if len(data) else (
-                    torch.empty(spec.shape, dtype=spec.dtype)
+                out = (
+                    torch.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+                    if len(data)
+                    else (torch.empty(spec.shape, dtype=spec.dtype))
                 )
             elif device is not None and device.type == "cuda" and isinstance(self.codec, AbsmaxCodec):
                 out = decode_on_device(self.codec, data, spec.shape, spec.dtype, device)

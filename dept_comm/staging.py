@@ -13,6 +13,7 @@ client sent; :meth:`StagingArea.clean_stale` removes what an earlier process lef
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -76,7 +77,7 @@ class FileBacking:
         self._base = base
 
     def write(self, offset: int, data: bytes | memoryview | np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(np.frombuffer(data, dtype=np.uint8))).cast("B")
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else data.data.cast("B")
         fd = self._owner.fd()
         done = 0
         while done < len(view):
@@ -151,10 +152,8 @@ class UploadStaging:
         if fd is not None:
             os.close(fd)
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            except FileNotFoundError:
-                pass
 
 
 class StagingArea:

@@ -6,9 +6,9 @@ import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +31,11 @@ from dept_comm.errors import (
     StreamOrderError,
 )
 from dept_comm.frames import StreamItem, Undecodable, WireItem, kind_of
+from dept_comm.memory import release_freed_memory
 from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
-from dept_comm.memory import release_freed_memory
 from dept_comm.staging import StagingArea
 from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 
@@ -92,7 +92,9 @@ class ServerApp:
         built from ``config.model``; the load benchmark passes a synthetic body)."""
         self.config = config
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
-        shared, vocab_digest, self.run_info = initial if initial is not None else initial_shared_tensors(config)
+        shared, vocab_digest, self.run_info = (
+            initial if initial is not None else initial_shared_tensors(config)
+        )
         self.vocab_digest = vocab_digest
         outer = build_outer(config.outer, config.outer_lr, config.outer_momentum)
         self.model = GlobalModel(

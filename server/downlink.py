@@ -61,7 +61,13 @@ def _encode(
 
 
 def _frames(
-    upload_id: str, first_seq: int, tensor_idx: int, t: EncodedTensor, payload: memoryview, step: int, start: int = 0
+    upload_id: str,
+    first_seq: int,
+    tensor_idx: int,
+    t: EncodedTensor,
+    payload: memoryview,
+    step: int,
+    start: int = 0,
 ) -> Iterator[ChunkFrame]:
     for k in range(start, t.num_chunks):
         checksum = t.checksums[k]
@@ -211,7 +217,9 @@ class Downlink:
                 header, checksums = _encode(name, x, codec, payload, self._step)
                 tensors.append(EncodedTensor(name, header, tuple(checksums), payload=payload))
                 extra[name] = payload
-        info = replace(self.open_info(delta=delta, round_idx=round_idx, row_ids=row_ids), num_tensors=len(tensors))
+        info = replace(
+            self.open_info(delta=delta, round_idx=round_idx, row_ids=row_ids), num_tensors=len(tensors)
+        )
         resumed = resume_upload_id == info.upload_id and resume_target_digest == info.target_digest
         skip = resume_from_seq if resumed else 0
         yield pb.StreamMessage(open=info.to_pb())
@@ -232,7 +240,9 @@ class Downlink:
             seq += n
         yield pb.StreamMessage(
             commit=pb.Commit(
-                upload_id=info.upload_id, num_chunks=seq, num_tensors=len(tensors), digest=stream_hash.digest()
+                upload_id=info.upload_id,
+                num_chunks=seq,
+                num_tensors=len(tensors),
+                digest=stream_hash.digest(),
             )
         )
-

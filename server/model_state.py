@@ -147,7 +147,9 @@ class GlobalModel:
             data, dec = self.feedback.encode_with_decoded(name, u)
             del u
             encoded[name] = data
-            new_shared[name] = torch.add(self.shared[name], dec.to(torch.float32).reshape(self.shared[name].shape))
+            new_shared[name] = torch.add(
+                self.shared[name], dec.to(torch.float32).reshape(self.shared[name].shape)
+            )
             del dec
         self.outer.num_steps = steps_before + 1  # one outer step per round, however many tensors
         self.shared = new_shared

@@ -31,7 +31,9 @@ OVERALL = ""  # the health service's name for the server as a whole
 HEALTH_THREADS = 2
 TRIM_THRESHOLD_BYTES = 64 << 20
 MALLOC_ARENAS = 2
-TRIM_EVERY_TICKS = 4  # 2 s  # health calls run here, never queued behind streams and long polls on the RPC pool
+TRIM_EVERY_TICKS = (
+    4  # 2 s  # health calls run here, never queued behind streams and long polls on the RPC pool
+)
 
 
 @dataclass

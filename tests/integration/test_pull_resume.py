@@ -22,7 +22,9 @@ def _seqs(items: list[WireItem]) -> list[int]:
     return [c.seq for c in (chunk_of(m) for m in items) if c is not None]
 
 
-def _cut_after(stub: ParameterServerStub, request: service_pb2.PullRequest, progress: PullProgress, k: int) -> None:
+def _cut_after(
+    stub: ParameterServerStub, request: service_pb2.PullRequest, progress: PullProgress, k: int
+) -> None:
     """Pull until chunk seq ``k`` arrived, then cancel the call (the cut)."""
     call = stub.PullBody(request)
     for msg in call:

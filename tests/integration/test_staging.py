@@ -59,7 +59,9 @@ def test_a_dropped_upload_loses_its_file(tmp_path):
         client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20)
         try:
             joined = join_and_pull(client)
-            upload = joined.sender().upload(random_delta(joined.body, 1), info=joined.info, chunk_bytes=CHUNK_BYTES)
+            upload = joined.sender().upload(
+                random_delta(joined.body, 1), info=joined.info, chunk_bytes=CHUNK_BYTES
+            )
             client.push(upload.messages[: len(upload.messages) // 2])
             assert len(app.staging.files()) == 1
             client.leave(service_pb2.LeaveRequest(worker_id=joined.worker_id, reason="test"))
@@ -79,7 +81,9 @@ def test_a_fold_from_staging_equals_the_in_memory_result(tmp_path, budget_mib):
             client.push(upload.messages[:-1])
             client.commit(upload.commit_request(joined.worker_id, 0))
             for name, before in joined.body.items():
-                assert not server.app.model.shared[name].equal(before) or upload.decoded[name].abs().max() == 0
+                assert (
+                    not server.app.model.shared[name].equal(before) or upload.decoded[name].abs().max() == 0
+                )
             digests = server.app.model.digest
         finally:
             client.close()
