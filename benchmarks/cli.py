@@ -47,7 +47,7 @@ def _command(name: str, module: str) -> click.Command:
         "--staging-memory-mib",
         type=int,
         default=None,
-        help="load: the server's --staging-memory-mib [default: the server's, 1024].",
+        help="load: the server's --staging-memory-mib [default: the server's, a quarter of the body].",
     )
     def command(
         as_json: bool,

@@ -162,18 +162,25 @@ class SimWorker(threading.Thread):
             t0 = time.monotonic()
             stub.PushUpdate(counted(messages), timeout=3600)
             self.spans[r]["push"].add(t0, time.monotonic(), sent[0])
+            t_commit = time.monotonic()
             stub.CommitUpdate(
                 service_pb2.CommitUpdateRequest(commit=commit[0], worker_id=wid, round_idx=r, num_tokens=1),
                 timeout=3600,
             )
-            self.spans[r]["commit"].add(t0, time.monotonic(), 0)
+            self.spans[r]["commit"].add(t_commit, time.monotonic(), 0)
+            self.spans[r]["round"].add(t0, time.monotonic(), 0)
         self._wait_round(stub, wid, len(self.spans) - 1)
         stub.Leave(service_pb2.LeaveRequest(worker_id=wid, reason="done"), timeout=60)
         channel.close()
 
 
 def run_one(
-    workers: int, body_mib: int, *, codec: str = "int8", rounds: int = ROUNDS, staging_memory_mib: int = 1024
+    workers: int,
+    body_mib: int,
+    *,
+    codec: str = "int8",
+    rounds: int = ROUNDS,
+    staging_memory_mib: int | None = None,
 ) -> dict[str, Any]:
     """One load run; the server is its own process, its RSS read from /proc."""
     with tempfile.TemporaryDirectory(prefix="dept-load-") as tmp:
@@ -181,9 +188,10 @@ def run_one(
         cmd = [
             sys.executable, "-m", "dept_bench.load_server", "--body-mib", str(body_mib),
             "--workers", str(workers), "--rounds", str(rounds), "--codec", codec,
-            "--staging-memory-mib", str(staging_memory_mib), "--metrics-path", str(metrics),
-            "--staging-dir", str(Path(tmp) / "staging"),
+            "--metrics-path", str(metrics), "--staging-dir", str(Path(tmp) / "staging"),
         ]  # fmt: skip
+        if staging_memory_mib is not None:
+            cmd += ["--staging-memory-mib", str(staging_memory_mib)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
@@ -193,7 +201,7 @@ def run_one(
             with open(f"/proc/{proc.pid}/clear_refs", "w", encoding="ascii") as f:
                 f.write("5")  # reset VmHWM: the peak from here on, start-up's excluded
             update = Update(body_mib, codec)
-            spans = [{k: Span() for k in ("pull", "push", "commit")} for _ in range(rounds)]
+            spans = [{k: Span() for k in ("pull", "push", "commit", "round")} for _ in range(rounds)]
             sims = [SimWorker(i, f"127.0.0.1:{port}", update, spans) for i in range(workers)]
             for s in sims:
                 s.start()
@@ -218,14 +226,14 @@ def run_one(
         inside = [kib for t, kib in samples if span.start <= t <= span.end]
         return round(max(inside, default=0) / 1024, 1)
 
-    phases = {f"r{r}_{k}": phase_mib(sp[k]) for r, sp in enumerate(spans) for k in ("pull", "push")}
+    phases = {f"r{r}_{k}": phase_mib(sp[k]) for r, sp in enumerate(spans) for k in ("pull", "push", "commit")}
     return {
         "workers": workers,
         "body_mib": body_mib,
         "codec": codec,
         "rounds": rounds,
-        "round_s": round(last["commit"].end - last["pull"].start, 3),
-        "first_round_s": round(spans[0]["commit"].end - spans[0]["pull"].start, 3),
+        "round_s": round(last["round"].end - last["pull"].start, 3),
+        "first_round_s": round(spans[0]["round"].end - spans[0]["pull"].start, 3),
         "server_idle_rss_mib": round(idle_kib / 1024, 1),
         "server_peak_rss_mib": round(peak_kib / 1024, 1),
         "peak_minus_idle_x_body": round((peak_kib - idle_kib) / 1024 / body_mib, 2),
@@ -234,13 +242,15 @@ def run_one(
         "full_pull_MBps": round(spans[0]["pull"].mbps(), 1),
         "folded": folded,
         "expected_folds": workers * rounds,
-        "staging_memory_mib": staging_memory_mib,
+        "staging_memory_mib": staging_memory_mib if staging_memory_mib is not None else "auto",
         "rss_mib_by_phase": phases,
         "errors": errors[:5],
     }
 
 
-def run(quick: bool = False, runs: str | None = None, staging_memory_mib: int = 1024) -> dict[str, Any]:
+def run(
+    quick: bool = False, runs: str | None = None, staging_memory_mib: int | None = None
+) -> dict[str, Any]:
     """Every configured run, one after another (so their memory never adds up)."""
     todo: tuple[tuple[int, int], ...] = QUICK_RUNS if quick else FULL_RUNS
     if runs:

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--codec", default="int8")
-    parser.add_argument("--staging-memory-mib", type=int, default=1024)
+    parser.add_argument("--staging-memory-mib", type=int, default=None)  # None: the server's default
     parser.add_argument("--staging-dir", type=Path, default=None)
     parser.add_argument("--metrics-path", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     app = running.app
     app.finished.wait()
     app.wait_all_left(120.0, stop=threading.Event())
-    running.stop(None)
+    running.stop(5.0)  # the last Leave's reply goes out before the server stops
     return 0
 
 

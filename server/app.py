@@ -39,12 +39,22 @@ from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.staging import StagingArea
 from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 
-from .aggregate import RoundAggregate
+from .aggregate import RoundAggregate, contribution_weight
 from .config import ServerConfig
 from .initial import InitialState, initial_shared_tensors
 from .model_state import GlobalModel
 
 logger = logging.getLogger(__name__)
+
+CONCURRENT_CHECKS = 2
+STAGING_AUTO_MIN_MIB = 16
+STAGING_AUTO_MAX_MIB = 1024
+
+
+def auto_staging_memory_mib(body_fp32_bytes: int) -> int:
+    """The default --staging-memory-mib: a quarter of the fp32 body (about one int8-encoded
+    upload), at least 16 and at most 1024 MiB; the rest of the open uploads wait in files."""
+    return max(STAGING_AUTO_MIN_MIB, min(STAGING_AUTO_MAX_MIB, body_fp32_bytes // 4 >> 20))
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -119,6 +129,9 @@ class ServerApp:
         self.staging = self._staging_area(config)
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
+        # Commits check their uploads at most this many at a time: each check holds a decoded
+        # tensor and its temporaries, and the work is CPU-bound anyway (see docs/SCALE.md).
+        self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
         self._uploads: dict[str, tuple[str, int, StreamReceiver]] = {}  # upload_id -> (worker, round, rx)
         self._row_ids: dict[str, torch.Tensor] = {}
         self._sources: dict[str, str] = {}
@@ -145,7 +158,11 @@ class ServerApp:
         if directory is None:
             self._staging_tmp = tempfile.TemporaryDirectory(prefix="dept-staging-")
             directory = Path(self._staging_tmp.name)
-        area = StagingArea(directory, config.staging_memory_mib << 20)
+        budget_mib = config.staging_memory_mib
+        if budget_mib is None:
+            budget_mib = auto_staging_memory_mib(4 * self.model.body_numel)
+        logger.info("staging memory_mib=%d dir=%s", budget_mib, directory)
+        area = StagingArea(directory, budget_mib << 20)
         area.clean_stale()
         return area
 
@@ -375,7 +392,8 @@ class ServerApp:
         rx.commit(req.commit)
         # Every tensor is checked (finite, manifest) before any is folded; both passes decode one
         # tensor at a time, so no full fp32 copy of an update exists, however many commit at once.
-        rx.validate()
+        with self._checks:
+            rx.validate()
         with self._close_lock:
             self.coordinator.check_push(req.worker_id, req.round_idx)
             counted = self._counted_upload(worker_id, round_idx)
@@ -383,10 +401,14 @@ class ServerApp:
                 raise ConflictError(
                     f"worker {worker_id} already committed upload {counted} for round {round_idx}"
                 )
-            self._aggregate.fold(rx.named_tensors(), num_tokens=int(req.num_tokens))
+            contribution_weight(self._aggregate.weighting, int(req.num_tokens))  # refused before it counts
             self.coordinator.commit(worker_id, upload_id, round_idx)
             with self._lock:
                 self._uploads.pop(upload_id, None)
+            # The aggregate owns the upload now; it is folded in worker-id order (at once when
+            # every member before this worker has been folded, else later), still encoded till then.
+            self._aggregate.submit(worker_id, rx, num_tokens=int(req.num_tokens))
+            self._aggregate.fold_ready(self.coordinator.round_record().members)
             wr = self._worker_round(worker_id, round_idx)
             wr.train_loss = float(req.train_loss) if math.isfinite(req.train_loss) else None
             wr.metrics = _finite(req.metrics)
@@ -574,6 +596,7 @@ class ServerApp:
             uploads, self._uploads = list(self._uploads.values()), {}
         for _, _, rx in uploads:
             rx.discard()  # removes their staging files
+        self._aggregate.reset()  # and those committed but not folded yet
         if self._store is not None:
             self._store.close()
         if self._staging_tmp is not None:

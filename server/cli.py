@@ -46,9 +46,19 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 @click.option(
     "--staging-memory-mib",
     type=click.IntRange(min=0),
+    default=None,
+    help="MiB of encoded uploads (open, or committed and waiting to be folded) kept in memory;"
+    " beyond it they go to files in --staging-dir [default: a quarter of the fp32 body, about one"
+    " int8 upload, within 16-1024].",
+)
+@click.option(
+    "--stream-window-kib",
+    type=click.IntRange(64, 1 << 20),
     default=1024,
-    help="Encoded bytes of open (uncommitted) uploads kept in memory; beyond it they go to files"
-    " in --staging-dir.",
+    show_default=True,
+    help="HTTP/2 receive window per stream (no BDP growth): at most this much of each upload waits"
+    " unread in gRPC's buffers, and one upload's rate is at most window / round-trip time"
+    " (1 MiB at 50 ms: ~20 MB/s; raise it for fast links with long round trips).",
 )
 @click.option(
     "--staging-dir",

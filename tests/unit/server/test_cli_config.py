@@ -55,3 +55,17 @@ def test_configs_validate_directly() -> None:
         WorkerConfig(server="h:1", source="sw", lr=0)
     with pytest.raises(ValueError, match="min_bandwidth_mbps"):
         WorkerConfig(server="h:1", source="sw", min_bandwidth_mbps=0)
+
+
+def test_the_default_staging_budget_follows_the_body() -> None:
+    from dept_server.app import auto_staging_memory_mib
+
+    assert auto_staging_memory_mib(64 << 20) == 16  # a quarter of the body, at least 16 MiB
+    assert auto_staging_memory_mib(340_000_000) == 81
+    assert auto_staging_memory_mib(4_800_000_000) == 1024  # capped
+    assert auto_staging_memory_mib(4 << 20) == 16
+
+
+def test_the_stream_window_is_bounded() -> None:
+    with pytest.raises(ValueError, match="stream_window_kib"):
+        ServerConfig(stream_window_kib=16)
