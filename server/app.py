@@ -108,8 +108,8 @@ class ServerApp:
         self.vocab_digest = vocab_digest
         outer = build_outer(config.outer, config.outer_lr, config.outer_momentum)
         self.model = GlobalModel(
-            variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down
-        )
+            variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down, copy=False
+        )  # the initial tensors are this app's alone (built here, or handed over by the caller)
         self.coordinator = RoundCoordinator(
             CoordinatorConfig(
                 num_rounds=config.rounds,

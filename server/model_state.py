@@ -36,9 +36,19 @@ class GlobalModel:
         outer: OuterOptimizer,
         codec_down: str,
         version: int = 0,
+        copy: bool = True,
     ) -> None:
+        """``copy=False``: take the caller's fp32 contiguous tensors as they are (the caller keeps
+        no reference and never writes them), instead of one copy of the body more at start."""
         self.variant = variant
-        self.shared = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in shared.items()}
+        self.shared = {
+            k: (
+                v.detach().to(torch.float32).contiguous().clone()
+                if copy
+                else v.detach().to(torch.float32).contiguous()
+            )
+            for k, v in shared.items()
+        }
         self.outer = outer
         self._codec_down = get_codec(codec_down)
         self._fp32 = get_codec("fp32")
