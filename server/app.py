@@ -408,7 +408,10 @@ class ServerApp:
             # The aggregate owns the upload now; it is folded in worker-id order (at once when
             # every member before this worker has been folded, else later), still encoded till then.
             self._aggregate.submit(worker_id, rx, num_tokens=int(req.num_tokens))
-            self._aggregate.fold_ready(self.coordinator.round_record().members)
+            # Not before the round has all its members: a later joiner may sort before those folded.
+            members = self.coordinator.round_record().members
+            if len(members) >= self.config.workers:
+                self._aggregate.fold_ready(members)
             wr = self._worker_round(worker_id, round_idx)
             wr.train_loss = float(req.train_loss) if math.isfinite(req.train_loss) else None
             wr.metrics = _finite(req.metrics)
