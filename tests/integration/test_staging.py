@@ -42,12 +42,22 @@ def test_staging_spills_past_the_budget_and_files_go_with_the_upload(tmp_path):
             assert app.staging.memory_bytes == 0  # a zero budget: every byte went to the file
             client.push(second.messages[:-1])  # supersedes the first: its file goes
             wait_for(lambda: len(app.staging.files()) == 1 and app.staging.files() != files, 10, "supersede")
-            client.commit(second.commit_request(joined.worker_id, 0))  # folded from the file
-            assert app.staging.files() == []
-            assert app._aggregate.num_contributions == 1
-            client.push(third.messages[:-1])  # refused after the commit: never staged
-        except Exception as err:  # the third push is refused (already committed)
-            assert "already" in str(err) or "committed" in str(err)
+            client.commit(second.commit_request(joined.worker_id, 0))
+            # The round has one of its 2 members: the commit waits for its turn, still in its file.
+            assert app._aggregate.queued == 1 and app._aggregate.num_contributions == 0
+            assert len(app.staging.files()) == 1
+            other = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20)
+            try:
+                late = join_and_pull(other, "en")
+                up = late.sender().upload(random_delta(late.body, 4), info=late.info, chunk_bytes=CHUNK_BYTES)
+                other.push(up.messages[:-1])
+                other.commit(up.commit_request(late.worker_id, 0))  # closes the round: both folded
+            finally:
+                other.close()
+            assert app.model.version == 1 and app.staging.files() == []
+            client.push(third.messages[:-1])  # refused: its round has ended; never staged
+        except Exception as err:  # the third push is refused
+            assert "has ended" in str(err)
         finally:
             assert app.staging.files() == []
             client.close()
@@ -120,7 +130,7 @@ def test_commit_folds_one_decoded_tensor_at_a_time(tmp_path, monkeypatch):
         return real_fold(self, update, **kw)
 
     monkeypatch.setattr(RoundAggregate, "fold", fold)
-    with serving(tmp_path, workers=2) as server:
+    with serving(tmp_path, workers=1) as server:  # the round's only member: folded at its commit
         client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20)
         try:
             joined = join_and_pull(client)
