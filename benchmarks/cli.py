@@ -16,6 +16,7 @@ _BENCHMARKS = {
     "codecs": "dept_bench.codecs",
     "wire": "dept_bench.wire",
     "step": "dept_bench.step",
+    "load": "dept_bench.load",
 }
 
 
@@ -37,11 +38,34 @@ def _command(name: str, module: str) -> click.Command:
         "--device", default=None, help="cpu or cuda (step, codecs) [default: the benchmark's choice]."
     )
     @click.option("--presets", default=None, help="step: comma-separated presets, e.g. 125m,350m.")
-    def command(as_json: bool, quick: bool, device: str | None, presets: str | None) -> None:
+    @click.option(
+        "--runs",
+        default=None,
+        help="load: comma-separated WORKERSxBODY_MIB, e.g. 64x64,8x512 [default: all].",
+    )
+    @click.option(
+        "--staging-memory-mib",
+        type=int,
+        default=None,
+        help="load: the server's --staging-memory-mib [default: the server's, a quarter of the body].",
+    )
+    def command(
+        as_json: bool,
+        quick: bool,
+        device: str | None,
+        presets: str | None,
+        runs: str | None,
+        staging_memory_mib: int | None,
+    ) -> None:
         run = importlib.import_module(module).run
         accepted = inspect.signature(run).parameters
         options: dict[str, Any] = {"quick": quick}
-        for key, value in (("device", device), ("presets", presets)):
+        for key, value in (
+            ("device", device),
+            ("presets", presets),
+            ("runs", runs),
+            ("staging_memory_mib", staging_memory_mib),
+        ):
             if value is not None:
                 if key not in accepted:
                     raise click.UsageError(f"dept-bench {name} takes no --{key}")

@@ -27,6 +27,7 @@ from dept_comm.errors import (
 )
 from dept_comm.frames import Buffer, chunk_checksum
 from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.staging import Backing, MemoryBacking
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -243,8 +244,15 @@ class TensorStage:
         "_sums",
     )
 
-    def __init__(self, spec: TensorSpec, codec: Codec, h: pb.TensorHeader, first_chunk_bytes: int) -> None:
-        """Check the chunk geometry and allocate the buffer.
+    def __init__(
+        self,
+        spec: TensorSpec,
+        codec: Codec,
+        h: pb.TensorHeader,
+        first_chunk_bytes: int,
+        allocate: Callable[[int], Backing] | None = None,
+    ) -> None:
+        """Check the chunk geometry and allocate the buffer (``allocate``: where, default memory).
 
         Raises:
             StreamOrderError: chunk sizes that cannot cut ``encoded_bytes`` into ``num_chunks``.
@@ -266,17 +274,18 @@ class TensorStage:
         self.held: set[int] = set()
         self._sums = np.zeros(n, dtype="<u8")  # chunk checksums, checked on arrival, for the digest
         self._out: torch.Tensor | None = None
-        if is_same_bytes(codec.name, spec.dtype):
+        self._buf: Backing | None = None
+        same = is_same_bytes(codec.name, spec.dtype)
+        if same:
             need = math.prod(spec.shape) * torch.empty(0, dtype=spec.dtype).element_size()
             if need != size:
                 raise SizeLimitError(
                     f"{codec.name} payload of {spec.name!r} is {size} bytes, shape needs {need}"
                 )
-            raw = torch.empty(size, dtype=torch.uint8)
-            self._out = raw.view(spec.dtype).reshape(spec.shape)
-            self._buf: np.ndarray | None = raw.numpy()
-        else:
-            self._buf = torch.empty(size, dtype=torch.uint8).numpy()
+        backing = allocate(size) if allocate is not None else MemoryBacking(size)
+        if same and isinstance(backing, MemoryBacking) and backing.tensor is not None:
+            self._out = backing.tensor.view(spec.dtype).reshape(spec.shape)
+        self._buf = backing
 
     def chunk_size(self, chunk_idx: int) -> int:
         return self.step if chunk_idx < self.num_chunks - 1 else self.encoded_bytes - self.step * chunk_idx
@@ -297,21 +306,26 @@ class TensorStage:
                 f"chunk seq={seq} of {self.spec.name!r} has {num_bytes} bytes, expected {want}"
             )
 
-    def _slice(self, chunk_idx: int) -> np.ndarray:
+    def _backing(self) -> Backing:
         if self._buf is None:
             raise StreamOrderError(f"tensor {self.spec.name!r} was already decoded and released")
-        off = chunk_idx * self.step
-        return self._buf[off : off + self.chunk_size(chunk_idx)]
+        return self._buf
 
     def store(self, chunk_idx: int, data: bytes | memoryview, checksum: int) -> None:
         """Stage chunk ``chunk_idx`` (already checked: ``check`` and ``checksum == chunk_checksum(data)``)."""
-        self._slice(chunk_idx)[:] = np.frombuffer(data, dtype=np.uint8)
+        self._backing().write(chunk_idx * self.step, data)
         self._sums[chunk_idx] = checksum
         self.held.add(chunk_idx)
 
     def view(self, chunk_idx: int) -> memoryview:
         """The stored bytes of chunk ``chunk_idx``."""
-        return self._slice(chunk_idx).data
+        return self._backing().read(chunk_idx * self.step, self.chunk_size(chunk_idx))
+
+    def release(self) -> None:
+        """Drop the staged bytes (memory back to its budget)."""
+        buf, self._buf, self._out = self._buf, None, None
+        if buf is not None:
+            buf.release()
 
     def verify_digest(self) -> None:
         """Raise unless every chunk is held and the payload hashes to the header's digest."""
@@ -321,8 +335,13 @@ class TensorStage:
                 " does not hash to its header's digest"
             )
 
-    def decode(self, require_finite: bool, device: torch.device | None = None) -> torch.Tensor:
-        """Verify the payload digest, decode, check the result, and release the buffer.
+    def decode(
+        self, require_finite: bool, device: torch.device | None = None, *, release: bool = True
+    ) -> torch.Tensor:
+        """Verify the payload digest, decode, check the result, and (``release``) release the buffer.
+
+        With ``release=False`` the staged bytes stay, so the tensor can be decoded again (a check
+        pass before the pass that uses the values); a same-bytes tensor is then the staging itself.
 
         With a CUDA ``device``, int8/int4 payloads are dequantised there (the host only copies the
         packed bytes over; the values are bit-identical to the CPU decode); other codecs decode on
@@ -333,9 +352,8 @@ class TensorStage:
             ManifestMismatchError: the codec returned another shape or dtype.
             NonFiniteError: NaN/Inf when ``require_finite``.
         """
-        spec, buf = self.spec, self._buf
-        if buf is None:
-            raise StreamOrderError(f"tensor {spec.name!r} was already decoded and released")
+        spec = self.spec
+        buf = self._backing()
         if len(self.held) != self.num_chunks:
             raise StreamOrderError(
                 f"tensor {spec.name!r} decoded with {len(self.held)}/{self.num_chunks} chunks"
@@ -343,10 +361,18 @@ class TensorStage:
         self.verify_digest()
         if self._out is not None:
             out = self._out
-        elif device is not None and device.type == "cuda" and isinstance(self.codec, AbsmaxCodec):
-            out = decode_on_device(self.codec, buf.data, spec.shape, spec.dtype, device)
         else:
-            out = self.codec.decode(buf.data, spec.shape, spec.dtype)
+            data = buf.read(0, self.encoded_bytes)
+            if is_same_bytes(self.codec.name, spec.dtype):  # spilled to a file: the read is the copy
+                out = (
+                    torch.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+                    if len(data)
+                    else (torch.empty(spec.shape, dtype=spec.dtype))
+                )
+            elif device is not None and device.type == "cuda" and isinstance(self.codec, AbsmaxCodec):
+                out = decode_on_device(self.codec, data, spec.shape, spec.dtype, device)
+            else:
+                out = self.codec.decode(data, spec.shape, spec.dtype)
         if tuple(out.shape) != spec.shape or out.dtype != spec.dtype:
             raise ManifestMismatchError(
                 f"codec {self.codec.name!r} decoded {spec.name!r} as {tuple(out.shape)} {out.dtype}, "
@@ -356,5 +382,6 @@ class TensorStage:
             bad = count_nonfinite(out)
             if bad:
                 raise NonFiniteError(f"tensor {spec.name!r} has {bad} non-finite values of {out.numel()}")
-        self._buf = self._out = None
+        if release:
+            self.release()
         return out

@@ -39,6 +39,7 @@ class OuterOptimizer(Protocol):
     """Maps the round's mean update ``mean_k Δ_k`` to the update the server adds to the body."""
 
     name: str
+    num_steps: int  # outer steps taken (rounds applied)
 
     def step(self, avg_delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return the update to add to the global parameters (fp32, new tensors)."""

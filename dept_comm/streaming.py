@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from dept_comm.manifest import (
 )
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.staging import UploadStaging
 
 __all__ = [
     "PULL_LIMITS",
@@ -183,17 +185,21 @@ class StreamReceiver:
         limits: ReceiveLimits = DEFAULT_LIMITS,
         expected_upload_id: str | None = None,
         require_all: bool = True,
+        staging: UploadStaging | None = None,
     ) -> None:
         """Args:
         manifest: expected tensors; headers must match it (names, shapes, dtypes, groups).
         limits: caps checked before staging.
         expected_upload_id: refuse an open for any other upload.
         require_all: with a manifest, the commit must cover every manifest tensor.
+        staging: where encoded bytes wait (memory within a budget, else a file); default memory.
+            The receiver closes it once every tensor was decoded, or on ``discard``.
         """
         self._manifest = manifest
         self._limits = limits
         self._expected_upload_id = expected_upload_id
         self._require_all = require_all
+        self._staging = staging
         self._lock = threading.Lock()
         self._open: pb.StreamOpen | None = None
         self._info: StreamOpenInfo | None = None
@@ -302,7 +308,8 @@ class StreamReceiver:
                 seen_names=self._names,
                 raw_bytes_so_far=self._raw_total,
             )
-            new = stage = TensorStage(spec, codec, header, len(data))
+            allocate = self._staging.allocate if self._staging is not None else None
+            new = stage = TensorStage(spec, codec, header, len(data), allocate)
         elif stage is None:
             raise StreamOrderError(
                 f"chunk seq={c.seq} of tensor_idx={c.tensor_idx} before that tensor's header"
@@ -424,11 +431,48 @@ class StreamReceiver:
             if self._decoding:
                 raise StreamOrderError("tensors() called twice; each tensor is decoded once")
             self._decoding = True
+        try:
+            for idx in range(len(self._tensors)):
+                stage = self._tensors[idx]
+                out = stage.decode(self._limits.require_finite, device)
+                self._staged_bytes -= stage.encoded_bytes
+                yield stage.spec, out
+                del out  # the consumer's reference is the only one while it asks for the next
+        finally:
+            if self._staging is not None:
+                self._staging.close()
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``tensors()`` as (name, tensor) pairs, holding no tensor once the next is asked for
+        (for a fold that must never have two decoded tensors of one update at once)."""
+        for spec, t in self.tensors():
+            yield spec.name, t
+            del t
+
+    def validate(self) -> float:
+        """Decode every committed tensor once to check it (digest, shape, finite values) and keep
+        nothing decoded: memory is one tensor at a time. ``tensors()`` then decodes them for use.
+
+        Returns:
+            the L2 norm over the floating-point tensors (integer ones, e.g. row ids, left out),
+            taken in the same pass, for outlier checks.
+
+        Raises:
+            StreamOrderError: not committed, or already decoded.
+            CommitMismatchError, ManifestMismatchError, NonFiniteError: as ``tensors()``.
+        """
+        with self._lock:
+            self._check_live()
+            if self._commit is None:
+                raise StreamOrderError("validate() before a verified commit")
+            if self._decoding:
+                raise StreamOrderError("validate() after tensors(): nothing is left to check")
+        squares = 0.0
         for idx in range(len(self._tensors)):
-            stage = self._tensors[idx]
-            out = stage.decode(self._limits.require_finite, device)
-            self._staged_bytes -= stage.encoded_bytes
-            yield stage.spec, out
+            t = self._tensors[idx].decode(self._limits.require_finite, release=False)
+            if t.is_floating_point():
+                squares += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        return math.sqrt(squares)
 
     def decode_all(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """Decode and validate every tensor, then return them by name (nothing on any failure)."""
@@ -437,6 +481,10 @@ class StreamReceiver:
     def discard(self) -> None:
         """Drop the staged bytes (superseded or expired upload); the receiver is unusable after."""
         with self._lock:
+            for stage in self._tensors.values():
+                stage.release()
+            if self._staging is not None:
+                self._staging.close()
             self._tensors.clear()
             self._held.clear()
             self._names.clear()

@@ -6,11 +6,12 @@ import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,22 +32,34 @@ from dept_comm.errors import (
     StreamOrderError,
 )
 from dept_comm.frames import StreamItem, Undecodable, WireItem, kind_of
+from dept_comm.memory import release_freed_memory
 from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
-from dept_comm.streaming import ReceiveLimits, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
+from dept_comm.staging import StagingArea
+from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 
 from .admission import WAIT_SLOTS, StreamSlots
-from .aggregate import RoundAggregate
+from .aggregate import RoundAggregate, contribution_weight
 from .config import ServerConfig
-from .initial import initial_shared_tensors
+from .initial import InitialState, initial_shared_tensors
 from .model_state import GlobalModel
-from .norm_guard import NormGuard, update_norm
+from .norm_guard import NormGuard
 from .sessions import JoinPolicy, Sessions, read_tokens
 from .watch import RoundWatchers
 
 logger = logging.getLogger(__name__)
+
+CONCURRENT_CHECKS = 2
+STAGING_AUTO_MIN_MIB = 16
+STAGING_AUTO_MAX_MIB = 1024
+
+
+def auto_staging_memory_mib(body_fp32_bytes: int) -> int:
+    """The default --staging-memory-mib: a quarter of the fp32 body (about one int8-encoded
+    upload), at least 16 and at most 1024 MiB; the rest of the open uploads wait in files."""
+    return max(STAGING_AUTO_MIN_MIB, min(STAGING_AUTO_MAX_MIB, body_fp32_bytes // 4 >> 20))
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -89,15 +102,19 @@ class WorkerRound:
 class ServerApp:
     """Everything dept-server does between decoding a request and encoding the reply."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, initial: InitialState | None = None) -> None:
+        """``initial``: the starting tensors, vocabulary digest and run description (default:
+        built from ``config.model``; the load benchmark passes a synthetic body)."""
         self.config = config
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
-        shared, vocab_digest, self.run_info = initial_shared_tensors(config)
+        shared, vocab_digest, self.run_info = (
+            initial if initial is not None else initial_shared_tensors(config)
+        )
         self.vocab_digest = vocab_digest
         outer = build_outer(config.outer, config.outer_lr, config.outer_momentum)
         self.model = GlobalModel(
-            variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down
-        )
+            variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down, copy=False
+        )  # the initial tensors are this app's alone (built here, or handed over by the caller)
         self.coordinator = RoundCoordinator(
             CoordinatorConfig(
                 num_rounds=config.rounds,
@@ -123,9 +140,13 @@ class ServerApp:
             trim_rows=(vocab, dim) if config.variant == "trim" else None,
             weighting=config.outer_weighting,
         )
-        self._stream_config = StreamConfig()
+        self._staging_tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.staging = self._staging_area(config)
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
+        # Commits check their uploads at most this many at a time: each check holds a decoded
+        # tensor and its temporaries, and the work is CPU-bound anyway (see docs/SCALE.md).
+        self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
         self._uploads: dict[str, tuple[str, int, StreamReceiver]] = {}  # upload_id -> (worker, round, rx)
         self._row_ids: dict[str, torch.Tensor] = {}
         self._sources: dict[str, str] = {}
@@ -144,6 +165,22 @@ class ServerApp:
                 raise
 
     # -- startup -----------------------------------------------------------------------------
+    def _staging_area(self, config: ServerConfig) -> StagingArea:
+        """Uploads wait in memory up to --staging-memory-mib, then in files (stale ones removed)."""
+        directory = config.staging_dir
+        if directory is None and config.checkpoint_dir is not None:
+            directory = config.checkpoint_dir / "staging"
+        if directory is None:
+            self._staging_tmp = tempfile.TemporaryDirectory(prefix="dept-staging-")
+            directory = Path(self._staging_tmp.name)
+        budget_mib = config.staging_memory_mib
+        if budget_mib is None:
+            budget_mib = auto_staging_memory_mib(4 * self.model.body_numel)
+        logger.info("staging memory_mib=%d dir=%s", budget_mib, directory)
+        area = StagingArea(directory, budget_mib << 20)
+        area.clean_stale()
+        return area
+
     def _resume(self) -> None:
         assert self._store is not None
         ckpt = self._store.latest()
@@ -273,6 +310,8 @@ class ServerApp:
             raise NotFoundError(f"unknown worker {worker_id!r}; join first")
 
     def pull(self, req: service_pb2.PullRequest) -> Iterator[StreamItem]:
+        """The current version's down-link (built once at the round's close) from the chunk the
+        request resumes at; no lock is held while it streams, and the body is never copied."""
         self._known(req.worker_id)
         row_ids = None
         if self.config.variant == "trim":
@@ -282,31 +321,18 @@ class ServerApp:
                     self._row_ids[req.worker_id] = row_ids
             else:
                 row_ids = self._row_ids.get(req.worker_id)
-        with self._close_lock:  # a consistent snapshot: no round closes mid-plan
-            plan = self.model.pull_plan(have_version=req.have_version, full=req.full, row_ids=row_ids)
-            round_idx = self.coordinator.current_round().round_idx
-            open_info = StreamOpenInfo(
-                upload_id=f"pull-{uuid.uuid4().hex}",
-                sender_id="server",
-                round_idx=round_idx,
-                base_version=plan.base_version,
-                base_digest=plan.base_digest,
-                target_version=plan.target_version,
-                target_digest=plan.target_digest,
-                is_delta=plan.is_delta,
-            )
-            messages = list(
-                encode_stream(
-                    plan.tensors,
-                    open_info=open_info,
-                    codec=plan.codec_for,
-                    groups=plan.groups,
-                    config=self._stream_config,
-                    encoder=plan.encoder,
-                )
-            )
+        downlink = self.model.downlink  # one immutable version, whatever closes meanwhile
+        round_idx = self.coordinator.current_round().round_idx
+        messages = downlink.stream(
+            delta=downlink.wants_delta(have_version=req.have_version, full=req.full),
+            round_idx=round_idx,
+            row_ids=row_ids,
+            resume_from_seq=req.resume_from_seq,
+            resume_upload_id=req.resume_upload_id,
+            resume_target_digest=req.resume_target_digest,
+        )
         meter = self._worker_round(req.worker_id, round_idx).down
-        return metered(iter(messages), meter)
+        return metered(messages, meter)
 
     def push(self, messages: Iterable[WireItem]) -> service_pb2.PushReceipt:
         it = iter(messages)
@@ -346,7 +372,12 @@ class ServerApp:
                 limits = ReceiveLimits(
                     max_tensors=len(manifest), allowed_codecs=frozenset({self.config.codec_up, "raw", "fp32"})
                 )
-                rx = StreamReceiver(manifest=manifest, limits=limits, expected_upload_id=info.upload_id)
+                rx = StreamReceiver(
+                    manifest=manifest,
+                    limits=limits,
+                    expected_upload_id=info.upload_id,
+                    staging=self.staging.upload(),
+                )
                 rx.add(first)
                 entry = (worker_id, info.round_idx, rx)
                 self._uploads[info.upload_id] = entry
@@ -403,8 +434,11 @@ class ServerApp:
             raise PermissionDeniedError("upload belongs to another worker or round")
         self._worker_round(worker_id, round_idx).up.observe(req)
         rx.commit(req.commit)
-        update = rx.decode_all()  # validates every tensor (finite, manifest) before folding any
-        norm = self._check_norm(worker_id, round_idx, update)
+        # Every tensor is checked (finite, manifest) before any is folded; both passes decode one
+        # tensor at a time, so no full fp32 copy of an update exists, however many commit at once.
+        with self._checks:
+            norm = rx.validate()
+        self._check_norm(worker_id, round_idx, norm)
         with self._close_lock:
             self.coordinator.check_push(req.worker_id, req.round_idx)
             counted = self._counted_upload(worker_id, round_idx)
@@ -412,11 +446,18 @@ class ServerApp:
                 raise ConflictError(
                     f"worker {worker_id} already committed upload {counted} for round {round_idx}"
                 )
-            self._aggregate.fold(update, num_tokens=int(req.num_tokens))
+            contribution_weight(self._aggregate.weighting, int(req.num_tokens))  # refused before it counts
             self.coordinator.commit(worker_id, upload_id, round_idx)
             self._norm_guard.accept(round_idx, norm)
             with self._lock:
                 self._uploads.pop(upload_id, None)
+            # The aggregate owns the upload now; it is folded in worker-id order (at once when
+            # every member before this worker has been folded, else later), still encoded till then.
+            self._aggregate.submit(worker_id, rx, num_tokens=int(req.num_tokens))
+            # Not before the round has all its members: a later joiner may sort before those folded.
+            members = self.coordinator.round_record().members
+            if len(members) >= self.config.workers:
+                self._aggregate.fold_ready(members)
             wr = self._worker_round(worker_id, round_idx)
             wr.train_loss = float(req.train_loss) if math.isfinite(req.train_loss) else None
             wr.metrics = _finite(req.metrics)
@@ -424,9 +465,8 @@ class ServerApp:
         self.maybe_close()
         return service_pb2.CommitReply(upload_id=upload_id, round_idx=round_idx, accepted=True)
 
-    def _check_norm(self, worker_id: str, round_idx: int, update: Mapping[str, torch.Tensor]) -> float:
-        """The update's norm; an outlier (norm_guard.py) is refused, logged, and excused from the round."""
-        norm = update_norm(update)
+    def _check_norm(self, worker_id: str, round_idx: int, norm: float) -> None:
+        """An update whose norm is an outlier (norm_guard.py) is refused, logged, and excused from the round."""
         try:
             self._norm_guard.check(worker_id, round_idx, norm, self._body_norm())
         except OutlierUpdateError as err:
@@ -435,7 +475,6 @@ class ServerApp:
             if self.coordinator.excuse(worker_id, round_idx):
                 self.maybe_close()
             raise
-        return norm
 
     def _body_norm(self) -> float:
         """The norm of every shared tensor at the current version (computed once per version)."""
@@ -501,9 +540,9 @@ class ServerApp:
 
     def _close_round(self, round_idx: int) -> None:
         started = time.monotonic()
+        self._aggregate.fold_all()  # uploads still waiting for their turn count in this round
         num = self._aggregate.num_contributions
-        self.model.apply_round(self._aggregate.mean())
-        self._aggregate.reset()
+        self.model.apply_round(self._aggregate.take_means())  # tensor by tensor; resets the sums
         record = self._round_record(round_idx, num)
         self.records.append(record)
         # Checkpoint first (it carries the records), then the JSONL line: a kill in between
@@ -522,6 +561,7 @@ class ServerApp:
         )
         self._round_started = time.monotonic()
         self._free_dropped_uploads()  # the coordinator dropped what was left open in the round
+        release_freed_memory()  # the round's sums and the previous version go back to the system
         self.watchers.publish()
         if state.finished:
             self.finished.set()
@@ -631,5 +671,12 @@ class ServerApp:
 
     def close(self) -> None:
         self.watchers.close()
+        with self._lock:
+            uploads, self._uploads = list(self._uploads.values()), {}
+        for _, _, rx in uploads:
+            rx.discard()  # removes their staging files
+        self._aggregate.reset()  # and those committed but not folded yet
         if self._store is not None:
             self._store.close()
+        if self._staging_tmp is not None:
+            self._staging_tmp.cleanup()

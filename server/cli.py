@@ -12,10 +12,9 @@ import click
 
 from dept_comm.channel import BindError
 from dept_comm.errors import DeptError
-from dept_comm.memory import keep_freed_memory
 
 from .config import OUTER_OPTIMIZERS, OUTER_WEIGHTINGS, VARIANTS, ServerConfig
-from .run import run
+from .run import run, tune_malloc
 
 CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
 PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
@@ -44,6 +43,30 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 @click.option("--codec-down", type=click.Choice(CODECS), default="int8")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint.")
+@click.option(
+    "--staging-memory-mib",
+    type=click.IntRange(min=0),
+    default=None,
+    help="MiB of encoded uploads (open, or committed and waiting to be folded) kept in memory;"
+    " beyond it they go to files in --staging-dir [default: a quarter of the fp32 body, about one"
+    " int8 upload, within 16-1024].",
+)
+@click.option(
+    "--stream-window-kib",
+    type=click.IntRange(64, 1 << 20),
+    default=1024,
+    show_default=True,
+    help="HTTP/2 receive window per stream (no BDP growth): at most this much of each upload waits"
+    " unread in gRPC's buffers, and one upload's rate is at most window / round-trip time"
+    " (1 MiB at 50 ms: ~20 MB/s; raise it for fast links with long round trips).",
+)
+@click.option(
+    "--staging-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where uploads beyond --staging-memory-mib wait [default: <checkpoint-dir>/staging, else a"
+    " temp dir]; stale files are removed at start.",
+)
 @click.option("--metrics-path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None)
 @click.option(
@@ -113,7 +136,7 @@ def main(**options: object) -> None:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     # Reuse freed memory instead of page-faulting fresh chunks in: ~2x the stream throughput here.
-    keep_freed_memory(max_arenas=0)
+    tune_malloc()
     try:
         config = ServerConfig(**options)  # type: ignore[arg-type]
         config.tls_pems()  # unreadable or non-PEM files: a usage error now, not a failed start

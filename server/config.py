@@ -50,6 +50,9 @@ class ServerConfig:
     tls_key: Path | None = None  # PEM private key of tls_cert
     tls_client_ca: Path | None = None  # PEM CA: require client certificates it signed (mutual TLS)
     linger_s: float = 0.0  # after the last round, keep serving --metrics-port for a final scrape
+    staging_memory_mib: int | None = None  # encoded bytes of open uploads in memory (None: 1/4 body)
+    stream_window_kib: int = 1024  # HTTP/2 receive window per stream: caps unread bytes per upload
+    staging_dir: Path | None = None  # None: <checkpoint_dir>/staging, else a temp dir
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -97,6 +100,10 @@ class ServerConfig:
             )
         if self.tokens_file is not None and not self.tokens_file.is_file():
             raise ValueError(f"--tokens {self.tokens_file}: no such file")
+        if self.staging_memory_mib is not None and self.staging_memory_mib < 0:
+            raise ValueError(f"staging_memory_mib must be >= 0, got {self.staging_memory_mib}")
+        if not 64 <= self.stream_window_kib <= 1 << 20:
+            raise ValueError(f"stream_window_kib must be in [64, 1048576], got {self.stream_window_kib}")
         self._check_tls()
 
     def _check_tls(self) -> None:

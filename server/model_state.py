@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from dept_comm.codecs import Codec, get_codec
+from dept_comm.codecs import get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.digest import Group, TensorSpec, tensors_digest
 from dept_comm.errors import ManifestMismatchError
 from dept_comm.names import BODY_PREFIX, EMB_IDS, EMB_ROWS, EMB_WEIGHT, group_of
 from dept_comm.outer import OuterOptimizer
+from dept_comm.streaming import StreamConfig
+
+from .downlink import Downlink
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class PullPlan:
-    """What one pull sends: the tensors, how each is encoded, and the versions involved."""
-
-    tensors: dict[str, torch.Tensor]
-    groups: dict[str, Group]
-    codec_for: Callable[[str, torch.Tensor], Codec]
-    encoder: Callable[[str, torch.Tensor, Codec], bytes]
-    is_delta: bool
-    base_version: int
-    base_digest: bytes
-    target_version: int
-    target_digest: bytes
 
 
 class GlobalModel:
@@ -49,9 +36,19 @@ class GlobalModel:
         outer: OuterOptimizer,
         codec_down: str,
         version: int = 0,
+        copy: bool = True,
     ) -> None:
+        """``copy=False``: take the caller's fp32 contiguous tensors as they are (the caller keeps
+        no reference and never writes them), instead of one copy of the body more at start."""
         self.variant = variant
-        self.shared = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in shared.items()}
+        self.shared = {
+            k: (
+                v.detach().to(torch.float32).contiguous().clone()
+                if copy
+                else v.detach().to(torch.float32).contiguous()
+            )
+            for k, v in shared.items()
+        }
         self.outer = outer
         self._codec_down = get_codec(codec_down)
         self._fp32 = get_codec("fp32")
@@ -59,10 +56,20 @@ class GlobalModel:
         self.feedback = ErrorFeedback(self._codec_down)
         self.version = version
         self.digest = self.shared_digest()
-        self._replica_digests: dict[bytes, bytes] = {}  # trim: digest of the ids -> replica digest
-        self._prev_digest = b""
-        self._update: dict[str, torch.Tensor] | None = None
-        self._update_bytes: dict[str, bytes] = {}
+        self._stream_config = StreamConfig()
+        self.downlink = self._build_downlink(prev_digest=b"", delta=None)
+
+    def _build_downlink(self, *, prev_digest: bytes, delta: Mapping[str, bytes] | None) -> Downlink:
+        return Downlink(
+            variant=self.variant,
+            version=self.version,
+            shared=self.shared,
+            digest=self.digest,
+            prev_digest=prev_digest,
+            delta=delta,
+            codec_down=self._codec_down,
+            config=self._stream_config,
+        )
 
     def body_digest(self) -> bytes:
         """xxh3-128 of the body tensors alone (reported beside the round digest)."""
@@ -79,13 +86,7 @@ class GlobalModel:
         GLOB and SPEC replicas hold every shared tensor; a TRIM replica holds the body and the
         rows of its own vocabulary (``emb.rows`` with their global ids ``emb.ids``).
         """
-        if self.variant != "trim":
-            return self.shared
-        out = {k: v for k, v in self.shared.items() if k != EMB_WEIGHT}
-        if row_ids is not None:
-            out[EMB_ROWS] = self.shared[EMB_WEIGHT].index_select(0, row_ids)
-            out[EMB_IDS] = row_ids
-        return out
+        return self.downlink.replica_tensors(row_ids)
 
     def replica_digest(self, row_ids: torch.Tensor | None) -> bytes:
         """The digest a worker's replica must have at the current version (see replica_tensors).
@@ -93,14 +94,7 @@ class GlobalModel:
         Equal to the round digest except for TRIM, where it covers the worker's own rows; those
         are cached per version and vocabulary, so each pull and push hashes the body once at most.
         """
-        if self.variant != "trim":
-            return self.digest
-        key = tensors_digest({EMB_IDS: row_ids}) if row_ids is not None else b""
-        cached = self._replica_digests.get(key)
-        if cached is None:
-            cached = tensors_digest(self.replica_tensors(row_ids))
-            self._replica_digests[key] = cached
-        return cached
+        return self.downlink.replica_digest(row_ids)
 
     # -- what crosses the wire -------------------------------------------------------------
     def group_of(self, name: str) -> Group:
@@ -136,65 +130,43 @@ class GlobalModel:
             raise ManifestMismatchError("embedding row ids must be sorted and unique")
         return ids
 
-    def pull_plan(self, *, have_version: int, full: bool, row_ids: torch.Tensor | None) -> PullPlan:
-        """Plan a pull: the encoded outer update when the worker is one version behind, else full."""
-        delta = not full and self._update is not None and have_version == self.version - 1
-        if delta:
-            assert self._update is not None
-            tensors = {
-                k: v for k, v in self._update.items() if not (self.variant == "trim" and k == EMB_WEIGHT)
-            }
-        else:
-            tensors = {
-                k: v for k, v in self.shared.items() if not (self.variant == "trim" and k == EMB_WEIGHT)
-            }
-        if self.variant == "trim" and row_ids is not None:
-            # Trim rows travel as current values (lossless), so a worker's rows equal the server's.
-            tensors[EMB_ROWS] = self.shared[EMB_WEIGHT].index_select(0, row_ids)
-            tensors[EMB_IDS] = row_ids
-        cached = self._update_bytes if delta else {}
-
-        def codec_for(name: str, t: torch.Tensor) -> Codec:
-            if name == EMB_IDS:
-                return self._raw
-            return self._codec_down if name in cached else self._fp32
-
-        def encoder(name: str, t: torch.Tensor, codec: Codec) -> bytes:
-            return cached[name] if name in cached else codec.encode(t)
-
-        return PullPlan(
-            tensors=tensors,
-            groups={k: self.group_of(k) for k in tensors},
-            codec_for=codec_for,
-            encoder=encoder,
-            is_delta=delta,
-            base_version=have_version if delta else 0,
-            base_digest=self._prev_digest if delta else b"",
-            target_version=self.version,
-            target_digest=self.replica_digest(row_ids),
-        )
-
     # -- the outer step ----------------------------------------------------------------------
-    def apply_round(self, mean_delta: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    def apply_round(
+        self, mean_delta: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> dict[str, int]:
         """Run the outer optimizer on the averaged deltas, encode, apply the decoded update.
 
-        ``mean_delta`` holds the averaged worker deltas by shared tensor name; for trim,
+        ``mean_delta`` holds the averaged worker deltas by shared tensor name (a mapping, or
+        pairs produced one at a time, e.g. ``RoundAggregate.take_means()``); for trim,
         ``emb.weight`` is a dense delta that is zero on rows no chosen source had.
-        Returns the encoded byte count of the update per tensor.
+
+        Tensor by tensor: the outer step, the encode with error feedback, and a *new* tensor
+        ``old + decoded`` (the old one may still be streaming to a pull; it goes when nothing
+        holds it). Nothing of the size of the whole body is allocated besides the new tensors.
+        Then the down-link of the new version is built. Returns the encoded bytes per tensor.
         """
-        update = self.outer.step({k: v for k, v in mean_delta.items() if k in self.shared})
-        decoded: dict[str, torch.Tensor] = {}
+        pairs = mean_delta.items() if isinstance(mean_delta, Mapping) else mean_delta
+        new_shared = dict(self.shared)
         encoded: dict[str, bytes] = {}
-        for name, u in update.items():
+        steps_before = self.outer.num_steps
+        for name, mean in pairs:
+            if name not in self.shared:
+                continue
+            (u,) = self.outer.step({name: mean}).values()
+            del mean
             data, dec = self.feedback.encode_with_decoded(name, u)
+            del u
             encoded[name] = data
-            decoded[name] = dec.to(torch.float32).reshape(self.shared[name].shape)
-            self.shared[name].add_(decoded[name])
-        self._prev_digest = self.digest
+            new_shared[name] = torch.add(
+                self.shared[name], dec.to(torch.float32).reshape(self.shared[name].shape)
+            )
+            del dec
+        self.outer.num_steps = steps_before + 1  # one outer step per round, however many tensors
+        self.shared = new_shared
+        prev_digest = self.digest
         self.version += 1
         self.digest = self.shared_digest()
-        self._replica_digests = {}
-        self._update, self._update_bytes = decoded, encoded
+        self.downlink = self._build_downlink(prev_digest=prev_digest, delta=encoded)
         logger.info("outer_step version=%d digest=%s", self.version, self.digest.hex()[:16])
         return {k: len(v) for k, v in encoded.items()}
 
@@ -203,7 +175,7 @@ class GlobalModel:
         return {
             "shared": dict(self.shared),
             "outer": dict(self.outer.state_dict()),
-            "feedback": dict(self.feedback.state_dict()),
+            "feedback": self.feedback.residuals(),
         }
 
     def restore(self, groups: Mapping[str, Mapping[str, torch.Tensor]], version: int) -> None:
@@ -213,10 +185,11 @@ class GlobalModel:
         for name, t in shared.items():
             if tuple(t.shape) != tuple(self.shared[name].shape):
                 raise ManifestMismatchError(f"checkpoint tensor {name} has shape {tuple(t.shape)}")
-            self.shared[name].copy_(t)
+        self.shared = {
+            name: shared[name].detach().to(torch.float32).contiguous().clone() for name in self.shared
+        }
         self.outer.load_state_dict(dict(groups.get("outer", {})))
         self.feedback.load_state_dict(dict(groups.get("feedback", {})))
         self.version = version
         self.digest = self.shared_digest()
-        self._replica_digests = {}
-        self._update, self._update_bytes, self._prev_digest = None, {}, b""
+        self.downlink = self._build_downlink(prev_digest=b"", delta=None)

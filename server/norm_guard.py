@@ -13,22 +13,10 @@ from __future__ import annotations
 import math
 import statistics
 import threading
-from collections.abc import Mapping
-
-import torch
 
 from dept_comm.errors import OutlierUpdateError
 
 MIN_REFERENCE = 2  # accepted updates in a round before their median becomes the reference
-
-
-def update_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm over every floating-point tensor of an update (row ids and other integers left out)."""
-    total = 0.0
-    for t in update.values():
-        if t.is_floating_point():
-            total += float(torch.linalg.vector_norm(t.float()).item()) ** 2
-    return math.sqrt(total)
 
 
 class NormGuard:

@@ -13,20 +13,28 @@ from http.server import ThreadingHTTPServer
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from dept_comm.channel import bind, build_server
+from dept_comm.channel import bind, build_server, server_options
+from dept_comm.memory import keep_freed_memory, release_freed_memory
 from dept_comm.service import SERVICE_NAME, add_parameter_server
 from dept_comm.tls import server_credentials
 
 from .app import ServerApp
 from .auth import TokenInterceptor
 from .config import ServerConfig
+from .initial import InitialState
 from .metrics_http import serve_metrics, summary_table
 from .servicer import ParameterServerServicer
 
 logger = logging.getLogger(__name__)
 
 OVERALL = ""  # the health service's name for the server as a whole
-HEALTH_THREADS = 2  # health calls run here, never queued behind streams and long polls on the RPC pool
+HEALTH_THREADS = 2
+TRIM_THRESHOLD_BYTES = 64 << 20
+MMAP_THRESHOLD_BYTES = 1 << 20
+MALLOC_ARENAS = 2
+TRIM_EVERY_TICKS = (
+    4  # 2 s  # health calls run here, never queued behind streams and long polls on the RPC pool
+)
 
 
 @dataclass
@@ -122,7 +130,37 @@ def _add_health(server: grpc.Server) -> health.HealthServicer:
     return servicer
 
 
-def start_server(config: ServerConfig) -> RunningServer:
+def tune_malloc() -> None:
+    """The server's allocator settings (glibc): blocks of 1 MiB and more (decoded tensors, chunk
+    payloads, staging buffers) are mapped and unmapped on their own, smaller ones come from at
+    most 2 arenas that keep at most 64 MiB free at their top; the round ticker also trims every
+    few seconds. Measured with ``dept-bench load`` (32 workers x 64 MiB body, docs/SCALE.md):
+    with a 32 MiB mmap threshold, freed tensors of concurrent commits left holes that kept the
+    peak ~300 MiB higher (and the idle server 64 MiB); the workers' default (every thread its own
+    arena, 1 GiB kept) left the peak 2.7 GB above idle."""
+    keep_freed_memory(
+        mmap_threshold_bytes=MMAP_THRESHOLD_BYTES,
+        trim_threshold_bytes=TRIM_THRESHOLD_BYTES,
+        max_arenas=MALLOC_ARENAS,
+    )
+
+
+def stream_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """``server_options`` plus a fixed HTTP/2 receive window per stream.
+
+    gRPC grows each stream's window by BDP probing; on loopback with 32 concurrent pushes that
+    let ~9 MiB per upload wait unread in gRPC's buffers (measured with ``dept-bench load``,
+    docs/SCALE.md). A fixed ``--stream-window-kib`` caps it; one upload's rate is then at most
+    the window per round trip.
+    """
+    return [
+        *server_options(),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", config.stream_window_kib << 10),
+    ]
+
+
+def start_server(config: ServerConfig, initial: InitialState | None = None) -> RunningServer:
     """Create the app, bind the port (fails clearly if taken) and start serving.
 
     Raises:
@@ -130,10 +168,11 @@ def start_server(config: ServerConfig) -> RunningServer:
         BindError: the port cannot be bound.
     """
     credentials = _credentials(config)
-    app = ServerApp(config)
+    app = ServerApp(config, initial)
+    release_freed_memory()  # what building the model freed (its own copy of every tensor) goes back
     tokens = [config.token] if config.token else app.join_policy.bearer_tokens
     interceptors = [TokenInterceptor(tokens)] if tokens else []
-    server = build_server(config.rpc_threads, interceptors=interceptors)
+    server = build_server(config.rpc_threads, interceptors=interceptors, options=stream_options(config))
     add_parameter_server(ParameterServerServicer(app), server)
     health_servicer = _add_health(server)
     try:
@@ -150,8 +189,12 @@ def start_server(config: ServerConfig) -> RunningServer:
     stop = threading.Event()
 
     def tick() -> None:  # closes rounds at their deadline even when no commit arrives
+        ticks = 0
         while not stop.wait(0.5):
             app.maybe_close()
+            ticks += 1
+            if ticks % TRIM_EVERY_TICKS == 0:
+                release_freed_memory()  # freed chunk and staging buffers go back to the system
 
     ticker = threading.Thread(target=tick, name="round-ticker", daemon=True)
     ticker.start()

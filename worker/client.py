@@ -14,6 +14,7 @@ from dept_comm.channel import call_with_retry, chunk_timeout_s, error_from_rpc, 
 from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
+from dept_comm.pull_resume import PullProgress
 from dept_comm.service import ParameterServerStub
 from dept_comm.stall import StallGuard
 from dept_comm.streaming import unsent
@@ -98,15 +99,22 @@ class ServerClient:
         return reply
 
     def pull(self, request: service_pb2.PullRequest) -> list[WireItem]:
-        """Receive a whole pull stream (a cut or stalled stream is retried from the start)."""
+        """Receive a whole pull stream; a cut or stalled stream goes on from its first missing
+        chunk (see ``dept_comm.pull_resume``)."""
+        progress = PullProgress(request)
 
         def once() -> list[WireItem]:
             with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
-                call = self._stub.PullBody(request, metadata=self._metadata)
+                call = self._stub.PullBody(progress.next_request(), metadata=self._metadata)
                 guard.on_stall(call.cancel)
-                return list(guard.guarded(call))
+                for msg in guard.guarded(call):
+                    progress.add(msg)
+            return progress.messages()
 
-        return self._call(once)
+        messages = self._call(once)
+        if progress.resumes:
+            logger.info("pull_resumed times=%d chunks=%d", progress.resumes, progress.next_seq)
+        return messages
 
     def push(self, messages: Sequence[StreamItem]) -> service_pb2.PushReceipt:
         """Stream an upload (open first); after a cut, resend only what the server does not hold.

@@ -64,6 +64,10 @@ class ErrorFeedback:
         """Copies of every residual (float32), e.g. for a safetensors checkpoint."""
         return {name: r.clone() for name, r in self._residuals.items()}
 
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """The residuals themselves (no copy): for a save that finishes before the next encode."""
+        return dict(self._residuals)
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace every residual with (float32 CPU copies of) ``state``'s."""
         loaded: dict[str, torch.Tensor] = {}

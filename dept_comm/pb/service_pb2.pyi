@@ -195,12 +195,22 @@ class PullRequest(_message.Message):
     HAVE_VERSION_FIELD_NUMBER: _builtins.int
     FULL_FIELD_NUMBER: _builtins.int
     EMBEDDING_ROWS_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_SEQ_FIELD_NUMBER: _builtins.int
+    RESUME_UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TARGET_DIGEST_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     round_idx: _builtins.int
     have_version: _builtins.int
     """body version the worker holds"""
     full: _builtins.bool
     """ask for the whole body regardless of have_version"""
+    resume_from_seq: _builtins.int
+    """Resume a cut pull: the stream it was (its open's upload_id and target_digest) and the first
+    chunk seq it still lacks. The server skips the chunks before it when it would send that very
+    stream again, and sends the whole stream otherwise (the worker then starts afresh).
+    """
+    resume_upload_id: _builtins.str
+    resume_target_digest: _builtins.bytes
     @_builtins.property
     def embedding_rows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """glob/trim: global token ids whose rows the worker holds"""
@@ -213,10 +223,13 @@ class PullRequest(_message.Message):
         have_version: _builtins.int = ...,
         full: _builtins.bool = ...,
         embedding_rows: _abc.Iterable[_builtins.int] | None = ...,
+        resume_from_seq: _builtins.int = ...,
+        resume_upload_id: _builtins.str = ...,
+        resume_target_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_rows", b"embedding_rows", "full", b"full", "have_version", b"have_version", "round_idx", b"round_idx", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_rows", b"embedding_rows", "full", b"full", "have_version", b"have_version", "resume_from_seq", b"resume_from_seq", "resume_target_digest", b"resume_target_digest", "resume_upload_id", b"resume_upload_id", "round_idx", b"round_idx", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

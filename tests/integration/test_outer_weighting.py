@@ -22,7 +22,7 @@ def _down(update: torch.Tensor) -> torch.Tensor:
 
 def _round_with_two_workers(
     tmp_path, weighting: str
-) -> tuple[dict[str, torch.Tensor], dict[str, Upload], dict]:
+) -> tuple[dict[str, torch.Tensor], dict[str, Upload], dict, list[str]]:
     """Two workers upload random deltas with different num_tokens; return the body before, the
     uploads (with what the server decodes) and the body the server sends after the round."""
     with serving(tmp_path, workers=2, outer_weighting=weighting) as server:
@@ -43,24 +43,26 @@ def _round_with_two_workers(
         finally:
             for c in clients.values():
                 c.close()
-    return joined["sw"].body, uploads, after
+    order = sorted(TOKENS, key=lambda s: joined[s].worker_id)
+    return joined["sw"].body, uploads, after, order
 
 
-def _mean(uploads: dict[str, Upload], name: str, weights: dict[str, float]) -> torch.Tensor:
-    total = sum(weights.values())
-    acc = sum(uploads[s].decoded[name].double() * w for s, w in weights.items())
-    assert isinstance(acc, torch.Tensor)
-    return (acc / total).float()
+def _mean(uploads: dict[str, Upload], name: str, weights: dict[str, float], order: list[str]) -> torch.Tensor:
+    """The server's mean: float32 sums folded in worker-id order (``order``), over the weights."""
+    acc = uploads[order[0]].decoded[name] * weights[order[0]]
+    for s in order[1:]:
+        acc.add_(uploads[s].decoded[name], alpha=weights[s])
+    return acc / sum(weights[s] for s in order)
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "tokens"])
 def test_the_round_moves_the_body_by_the_weighted_mean_of_the_decoded_uploads(tmp_path, weighting) -> None:
-    before, uploads, after = _round_with_two_workers(tmp_path, weighting)
+    before, uploads, after, order = _round_with_two_workers(tmp_path, weighting)
     weights = {s: float(TOKENS[s]) if weighting == "tokens" else 1.0 for s in TOKENS}
     other = {s: 1.0 for s in TOKENS} if weighting == "tokens" else {s: float(TOKENS[s]) for s in TOKENS}
     names = [n for n in before if n.startswith("body.")]
     assert names
     for name in names:
-        assert torch.equal(after[name], before[name] + _down(_mean(uploads, name, weights))), name
+        assert torch.equal(after[name], before[name] + _down(_mean(uploads, name, weights, order))), name
     # The other weighting gives another body: the weights reached the average.
-    assert any(not torch.equal(after[n], before[n] + _down(_mean(uploads, n, other))) for n in names)
+    assert any(not torch.equal(after[n], before[n] + _down(_mean(uploads, n, other, order))) for n in names)

@@ -1,8 +1,10 @@
-"""RoundAggregate: order-independent sums, uniform or token-weighted FedAvg, TRIM rows."""
+"""RoundAggregate: float32 sums folded in worker-id order whatever the commit order, uniform or
+token-weighted FedAvg, TRIM rows."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,17 +23,48 @@ def _updates(n: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+class Staged:
+    """A committed upload as the aggregate sees it: tensors decoded when folded, discardable."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.decoded = 0
+        self.discarded = False
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self.decoded += 1
+        for name, t in self.tensors.items():
+            yield name, t.clone()
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+KEYS = ["w-0a", "w-3f", "w-77", "w-c2"]  # worker ids, in the canonical (sorted) order
+
+
+def _round(updates: list[dict[str, torch.Tensor]], order: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Commits arrive in ``order``; each is submitted and whatever is ready is folded, as the server does."""
+    agg = RoundAggregate(SHAPES, trim_rows=None)
+    for i in order:
+        agg.submit(KEYS[i], Staged(updates[i]), num_tokens=100)
+        agg.fold_ready(KEYS)
+    assert agg.queued == 0  # every member committed: nothing waits for the close
+    return dict(agg.take_means())
+
+
 def test_the_mean_does_not_depend_on_the_order_of_commits() -> None:
     updates = _updates(4)
-    means = []
-    for order in itertools.permutations(range(4)):
-        agg = RoundAggregate(SHAPES, trim_rows=None)
-        for i in order:
-            agg.fold(updates[i], num_tokens=100)
-        means.append(agg.mean())
+    means = [_round(updates, order) for order in itertools.permutations(range(4))]
     for m in means[1:]:
         assert all(torch.equal(m[k], means[0][k]) for k in SHAPES)
-    # The test can fail: plain fp32 running sums do differ between these orders.
+    assert all(m.dtype == torch.float32 for m in means[0].values())  # the sums are one body, not two
+    # It is the fp32 sum in key order ...
+    acc = updates[0]["body.w"].clone()
+    for u in updates[1:]:
+        acc.add_(u["body.w"])
+    assert torch.equal(means[0]["body.w"], acc / 4)
+    # ... and the test can fail: plain fp32 running sums do differ between these orders.
     fp32 = set()
     for order in itertools.permutations(range(4)):
         acc = torch.zeros(SHAPES["body.w"])
@@ -42,12 +75,48 @@ def test_the_mean_does_not_depend_on_the_order_of_commits() -> None:
     assert torch.allclose(means[0]["body.w"], sum(u["body.w"] for u in updates) / 4, atol=1e-7)
 
 
+def test_a_commit_waits_encoded_while_a_member_before_it_has_not_committed() -> None:
+    updates = _updates(3)
+    staged = [Staged(u) for u in updates]
+    agg = RoundAggregate(SHAPES, trim_rows=None)
+    members = KEYS[:3]
+    agg.submit(KEYS[2], staged[2], num_tokens=1)
+    assert agg.fold_ready(members) == 0 and staged[2].decoded == 0 and agg.queued == 1
+    agg.submit(KEYS[0], staged[0], num_tokens=1)
+    assert agg.fold_ready(members) == 1 and staged[0].decoded == 1 and agg.queued == 1
+    agg.submit(KEYS[1], staged[1], num_tokens=1)
+    assert agg.fold_ready(members) == 2 and agg.queued == 0
+    assert [s.decoded for s in staged] == [1, 1, 1]
+    with pytest.raises(ValueError, match="already contributed"):
+        agg.submit(KEYS[1], Staged(updates[1]), num_tokens=1)
+
+
+def test_the_close_folds_what_waits_for_a_member_that_never_committed() -> None:
+    updates = _updates(3)
+    agg = RoundAggregate(SHAPES, trim_rows=None)
+    for i in (2, 1):  # KEYS[0] is a member that died before committing
+        agg.submit(KEYS[i], Staged(updates[i]), num_tokens=1)
+        assert agg.fold_ready(KEYS[:3]) == 0
+    means = dict(agg.take_means())
+    want = updates[1]["body.w"].clone().add_(updates[2]["body.w"]) / 2
+    assert torch.equal(means["body.w"], want) and agg.queued == 0 and agg.num_contributions == 0
+
+
+def test_reset_discards_the_uploads_still_waiting() -> None:
+    agg = RoundAggregate(SHAPES, trim_rows=None)
+    waiting = Staged(_updates(1)[0])
+    agg.submit(KEYS[1], waiting, num_tokens=1)
+    agg.fold_ready(KEYS)
+    agg.reset()  # the round was abandoned
+    assert waiting.discarded and waiting.decoded == 0 and agg.queued == 0
+
+
 def test_token_weighting_gives_the_weighted_mean() -> None:
     updates = _updates(2)
     agg = RoundAggregate(SHAPES, trim_rows=None, weighting="tokens")
     agg.fold(updates[0], num_tokens=1000)
     agg.fold(updates[1], num_tokens=3000)
-    want = ((updates[0]["body.w"].double() * 1000 + updates[1]["body.w"].double() * 3000) / 4000).float()
+    want = (updates[0]["body.w"] * 1000).add_(updates[1]["body.w"], alpha=3000) / 4000
     assert torch.equal(agg.mean()["body.w"], want)
     uniform = RoundAggregate(SHAPES, trim_rows=None)
     for u in updates:

@@ -69,3 +69,17 @@ def test_tokens_and_token_exclude_each_other(tmp_path) -> None:
     assert result.exit_code == 2 and "exclude each other" in result.output, result.output
     assert ServerConfig(max_streams=8).rpc_threads == 8 + 12  # streams, bounded waits, short calls
     assert ServerConfig(max_workers_threads=3).rpc_threads == 3
+
+
+def test_the_default_staging_budget_follows_the_body() -> None:
+    from dept_server.app import auto_staging_memory_mib
+
+    assert auto_staging_memory_mib(64 << 20) == 16  # a quarter of the body, at least 16 MiB
+    assert auto_staging_memory_mib(340_000_000) == 81
+    assert auto_staging_memory_mib(4_800_000_000) == 1024  # capped
+    assert auto_staging_memory_mib(4 << 20) == 16
+
+
+def test_the_stream_window_is_bounded() -> None:
+    with pytest.raises(ValueError, match="stream_window_kib"):
+        ServerConfig(stream_window_kib=16)
