@@ -16,6 +16,8 @@ _BENCHMARKS = {
     "codecs": "dept_bench.codecs",
     "wire": "dept_bench.wire",
     "step": "dept_bench.step",
+    "codecs-quality": "dept_bench.codecs_quality",
+    "link": "dept_bench.link",
 }
 
 
