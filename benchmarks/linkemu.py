@@ -129,6 +129,11 @@ class LinkEmulator:
         for s in conns:
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # SHUT_RD wakes a relay thread blocked in recv (sends nothing); until that thread lets
+            # go of the socket, close() alone would not send the RST.
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RD)
+            with contextlib.suppress(OSError):
                 s.close()
 
     # -- relay -------------------------------------------------------------------------------
