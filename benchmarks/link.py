@@ -19,6 +19,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -75,10 +76,11 @@ def _one_link(rate_mbit: float, rtt_ms: float, size: int, repeats: int) -> list[
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options()) as channel:
             stub = ParameterServerStub(channel)
             grpc.channel_ready_future(channel).result(timeout=30)
-            for direction, once in (
-                ("push", lambda: _push(stub, tensors, config)),
-                ("pull", lambda: _pull(stub, expected)),
-            ):
+            transfers: dict[str, Callable[[], float]] = {
+                "push": lambda: _push(stub, tensors, config),
+                "pull": lambda: _pull(stub, expected),
+            }
+            for direction, once in transfers.items():
                 times = [once() for _ in range(repeats)]
                 ideal = payload * 8 / (rate_mbit * 1e6)
                 rows.append(
