@@ -55,8 +55,8 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
     default="uniform",
     help="Average updates uniformly (the paper) or weighted by the tokens each worker trained on.",
 )
-@click.option("--codec-up", callback=_codec_spec, default="int8", help=CODEC_HELP)
-@click.option("--codec-down", callback=_codec_spec, default="int8", help=CODEC_HELP)
+@click.option("--codec-up", callback=_codec_spec, default="int4", help=CODEC_HELP)
+@click.option("--codec-down", callback=_codec_spec, default="int4", help=CODEC_HELP)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint.")
 @click.option("--metrics-path", type=click.Path(dir_okay=False, path_type=Path), default=None)
