@@ -17,6 +17,8 @@ _BENCHMARKS = {
     "wire": "dept_bench.wire",
     "step": "dept_bench.step",
     "load": "dept_bench.load",
+    "codecs-quality": "dept_bench.codecs_quality",
+    "link": "dept_bench.link",
 }
 
 

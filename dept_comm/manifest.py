@@ -115,7 +115,9 @@ def build_header(
         shape=list(x.shape),
         dtype=dtype_to_pb(x.dtype if keep else torch.float32),
         codec=codec.name,
-        codec_params=pb.CodecParams(block_size=p.block_size, zstd_level=p.zstd_level, bits=p.bits),
+        codec_params=pb.CodecParams(
+            block_size=p.block_size, zstd_level=p.zstd_level, bits=p.bits, keep=p.keep
+        ),
         raw_bytes=x.numel() * 4,
         encoded_bytes=len(payload),
         group=pb.TensorGroup.ValueType(group),
@@ -194,7 +196,7 @@ def check_header(
         allowed = sorted(limits.allowed_codecs)
         raise UnknownCodecError(f"codec {h.codec!r} of {h.name!r} not allowed; allowed: {allowed}")
     p = h.codec_params
-    params = CodecParams(block_size=p.block_size, zstd_level=p.zstd_level, bits=p.bits)
+    params = CodecParams(block_size=p.block_size, zstd_level=p.zstd_level, bits=p.bits, keep=p.keep)
     try:
         codec = get_codec(h.codec, params)
     except ValueError as err:  # a factory refusing its params

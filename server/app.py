@@ -18,6 +18,7 @@ import torch
 
 from dept_comm.accounting import ByteMeter, RoundMetrics, WorkerRoundMetrics, metered
 from dept_comm.checkpoint import CheckpointStore
+from dept_comm.codecs import codec_name
 from dept_comm.coordinator import CoordinatorConfig, RoundCoordinator, worker_id_for
 from dept_comm.errors import (
     ConflictError,
@@ -272,7 +273,7 @@ class ServerApp:
                 f"vocabulary digest mismatch: the server's global tokenizer is {self.vocab_digest[:16]}...,"
                 f" the worker's is {req.vocab_digest.hex()[:16]}...; pass the server's --vocab file to the worker"
             )
-        for codec in (self.config.codec_up, self.config.codec_down):
+        for codec in (codec_name(self.config.codec_up), codec_name(self.config.codec_down)):
             if req.codecs and codec not in req.codecs:
                 raise ManifestMismatchError(
                     f"worker cannot use codec {codec!r}; it offers {list(req.codecs)}"
@@ -370,7 +371,8 @@ class ServerApp:
             if entry is None:
                 manifest = self.model.upload_manifest(self._row_ids.get(worker_id))
                 limits = ReceiveLimits(
-                    max_tensors=len(manifest), allowed_codecs=frozenset({self.config.codec_up, "raw", "fp32"})
+                    max_tensors=len(manifest),
+                    allowed_codecs=frozenset({codec_name(self.config.codec_up), "raw", "fp32"}),
                 )
                 rx = StreamReceiver(
                     manifest=manifest,

@@ -11,12 +11,27 @@ from pathlib import Path
 import click
 
 from dept_comm.channel import BindError
+from dept_comm.codecs import parse_codec_spec
 from dept_comm.errors import DeptError
 
 from .config import OUTER_OPTIMIZERS, OUTER_WEIGHTINGS, VARIANTS, ServerConfig
 from .run import run, tune_malloc
 
-CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4")
+CODECS = ("fp32", "bf16", "bf16-zstd", "int8", "int4", "topk")
+CODEC_HELP = f"One of {', '.join(CODECS)}; topk takes options, e.g. topk:k=0.02,bits=2 (README: Codecs)."
+
+
+def _codec_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Validate a codec spec (name and options) at the command line, with the codec's own message."""
+    try:
+        name, _ = parse_codec_spec(value)
+    except DeptError as err:
+        raise click.BadParameter(str(err)) from None
+    if name not in CODECS:
+        raise click.BadParameter(f"codec {name!r} is not offered here; choose from {', '.join(CODECS)}")
+    return value
+
+
 PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
 
 
@@ -39,8 +54,8 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
     default="uniform",
     help="Average updates uniformly (the paper) or weighted by the tokens each worker trained on.",
 )
-@click.option("--codec-up", type=click.Choice(CODECS), default="int8")
-@click.option("--codec-down", type=click.Choice(CODECS), default="int8")
+@click.option("--codec-up", callback=_codec_spec, default="int4", help=CODEC_HELP)
+@click.option("--codec-down", callback=_codec_spec, default="int4", help=CODEC_HELP)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint.")
 @click.option(

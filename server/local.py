@@ -156,8 +156,8 @@ def _print_tables(records: list[dict[str, Any]], sources: list[str]) -> None:
     default=None,
     help="[default: runs/local-VARIANT]",
 )
-@click.option("--codec-up", default="int8")
-@click.option("--codec-down", default="int8")
+@click.option("--codec-up", default="int4")
+@click.option("--codec-down", default="int4")
 @click.option("--vocab-size", type=click.IntRange(min=300), default=2048)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--seq-len", type=click.IntRange(min=8), default=128)

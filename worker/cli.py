@@ -53,6 +53,12 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
 )
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
 @click.option(
+    "--overlap",
+    is_flag=True,
+    help="Train the next round while this round's update is sent and the new body pulled (a "
+    "one-round-delayed outer update; spec/spec-opt, single-process workers). README: Overlap.",
+)
+@click.option(
     "--attn",
     type=click.Choice(["auto", "flex", "sdpa"]),
     default="auto",

@@ -40,6 +40,7 @@ class WorkerConfig:
     reconnect_timeout_s: float = 300.0  # how long calls are retried while the server cannot be reached
     min_bandwidth_mbps: float = 1.0  # a pull or push slower than this for a whole chunk is stalled
     compile: bool = False
+    overlap: bool = False  # train round r+1 while round r's update travels (worker/overlap.py)
     attn: str = "auto"  # auto | flex | sdpa (dept_model.attention): ALiBi through FlexAttention or SDPA
     grad_accum: int = 1  # micro-batches per inner step (the batch is split; same step, less memory)
     activation_checkpointing: bool = False  # recompute each block in the backward pass

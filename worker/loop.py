@@ -39,6 +39,7 @@ from dept_model.tokenizer import vocab_digest
 from .client import ServerClient, stream_idle_for
 from .config import WorkerConfig
 from .device import resolve_device
+from .overlap import Overlap, OverlapReplica
 from .persist import WorkerState, single_process_position
 from .replica import Replica
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
@@ -70,7 +71,8 @@ class Worker:
         self.codec_up: Codec = get_codec(reply.codec_up)
         self._raw = get_codec("raw")
         self.feedback = make_feedback(self.codec_up, config.device)  # int8/int4 on CUDA: quantised on the GPU
-        self.replica = Replica(setup.model, str(self.variant))
+        self.replica = (OverlapReplica if config.overlap else Replica)(setup.model, str(self.variant))
+        self.overlap = Overlap(self) if config.overlap else None  # --overlap: worker/overlap.py
         self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
         self.last_loss = float("nan")
         self._diverged = 0  # stale refusals in a row while the server held our version
@@ -185,9 +187,12 @@ class Worker:
     def do_round(self) -> None:
         round_idx = self.info.round_idx
         started = time.monotonic()
-        self.pull()
-        metrics = self.evaluate()
-        loss, tokens = self.train()
+        if self.overlap is not None:
+            loss, tokens, metrics, _ = self.overlap.round()
+        else:
+            self.pull()
+            metrics = self.evaluate()
+            loss, tokens = self.train()
         messages = self._encode_update(round_idx)
         commit = service_pb2.CommitUpdateRequest(
             commit=as_message(messages[-1]).commit,
@@ -200,6 +205,8 @@ class Worker:
         self.pending = (round_idx, messages, commit)
         self.push()
         self._save(round_idx)
+        if self.overlap is not None:
+            self.overlap.pushed()
         up = sum(m.ByteSize() for m in messages)
         logger.info(
             "round=%d source=%s train_loss=%.4f val_ppl=%.2f up_payload_bytes=%d seconds=%.1f",
@@ -256,6 +263,10 @@ class Worker:
             )
         self.replica.version = -1  # the next pull is a full one
 
+    def _drop_overlap(self) -> None:
+        if self.overlap is not None:
+            self.overlap.drop()
+
     def _heartbeats(self) -> None:
         while not self._stop_beats.wait(self._beat_s):
             try:
@@ -290,6 +301,7 @@ class Worker:
                         self.do_round()
                     self.wait_for_close(round_idx)
                 except (StaleRoundError, ConflictError) as err:
+                    self._drop_overlap()
                     # Stale: the model moved on. Conflict: this upload was dropped (superseded or
                     # expired) or another one already counted. Either way, ask where the round is.
                     logger.warning("round=%d update refused (%s); re-pulling", round_idx, err)
@@ -300,17 +312,20 @@ class Worker:
                     if isinstance(err, StaleRoundError):
                         self._after_stale(round_idx)
                 except OutlierUpdateError as err:
+                    self._drop_overlap()
                     # The server's norm guard: this round goes on without us; we take part in the next.
                     logger.warning(
                         "round=%d update refused by the server (%s); skipping this round", round_idx, err
                     )
                     self.wait_for_next_round(round_idx)
                 except (NotFoundError, UnauthenticatedError) as err:
+                    self._drop_overlap()
                     logger.warning(
                         "server does not know us or our session (restarted?): %s; joining again", err
                     )
                     self.rejoin()
                 except RoundNotOpenError as err:
+                    self._drop_overlap()
                     # Not admitted to the open round (it had no room or was closing): the next one.
                     self.info = self.client.heartbeat(
                         service_pb2.HeartbeatRequest(worker_id=self.worker_id)
@@ -320,6 +335,7 @@ class Worker:
                         self.wait_for_next_round(round_idx)
                 except RunFinishedError:
                     break
+            self._drop_overlap()
             try:
                 self.pull()
             except (NotFoundError, UnauthenticatedError):  # the server restarted after the last round
@@ -334,6 +350,7 @@ class Worker:
             )
             return 0
         finally:
+            self._drop_overlap()
             self._stop_beats.set()
             # A daemon thread still inside a gRPC call at interpreter exit aborts the process.
             beats.join(timeout=self.config.rpc_timeout_s)

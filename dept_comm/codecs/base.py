@@ -21,6 +21,7 @@ class CodecParams:
     block_size: int = 0
     zstd_level: int = 0
     bits: int = 0
+    keep: int = 0  # topk: values sent per block of ``block_size`` elements
 
 
 class Codec(Protocol):
@@ -77,9 +78,17 @@ def register_codec(name: str, factory: CodecFactory) -> None:
 def get_codec(name: str, params: CodecParams | None = None) -> Codec:
     """Build the codec registered as ``name`` with ``params`` (defaults when None).
 
+    Without ``params``, ``name`` may be a spec with options, e.g. ``topk:k=0.02,bits=2`` (see
+    ``dept_comm.codecs.spec``), as the server's ``--codec-up``/``--codec-down`` carry them.
+
     Raises:
         UnknownCodecError: no codec has that name.
+        InvalidInputError: a spec with bad options.
     """
+    if params is None and ":" in name:
+        from dept_comm.codecs.spec import codec_from_spec  # the spec module imports this one
+
+        return codec_from_spec(name)
     try:
         factory = _REGISTRY[name]
     except KeyError:

@@ -72,22 +72,26 @@ class CodecParams(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     ZSTD_LEVEL_FIELD_NUMBER: _builtins.int
     BITS_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
     block_size: _builtins.int
     """blockwise quantisers: elements per absmax block"""
     zstd_level: _builtins.int
     """0 = no zstd stage"""
     bits: _builtins.int
-    """quantisers: bits per value (8 or 4)"""
+    """quantisers: bits per value (8 or 4; topk: 2, 4 or 8)"""
+    keep: _builtins.int
+    """topk: values sent per block of block_size elements"""
     def __init__(
         self,
         *,
         block_size: _builtins.int = ...,
         zstd_level: _builtins.int = ...,
         bits: _builtins.int = ...,
+        keep: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "block_size", b"block_size", "zstd_level", b"zstd_level"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "block_size", b"block_size", "keep", b"keep", "zstd_level", b"zstd_level"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

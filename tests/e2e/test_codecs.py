@@ -4,7 +4,7 @@ A real server and worker run two rounds with ``--codec-up C --codec-down C``. Fo
 server's metrics give, per worker, the body group's raw bytes (4 per value) and payload bytes (the
 protobuf messages that carried them). The bound is computed from the codec's own definition
 (``max_encoded_bytes``: int8 one byte per value plus a bfloat16 scale per block, int4 half a byte
-plus the scales, bf16 two bytes, fp32 four) for the body tensors the server checkpointed, plus the
+plus the scales, bf16 two bytes, fp32 four, topk per block two scales and ``keep`` indices and values) for the body tensors the server checkpointed, plus the
 protobuf framing of one chunk message per tensor, measured on a chunk with every field at its
 widest. A codec that silently fell back to fp32 sends ~1.0x raw and fails every lossy bound; the
 down-link is checked on the delta pulls (after round 0), which the server encodes with its codec.
@@ -40,7 +40,8 @@ from tests.e2e.test_rounds import server_args, worker_args
 
 pytestmark = pytest.mark.slow
 
-CODECS = ["fp32", "bf16", "bf16-zstd", "int8", "int4"]
+TOPK = "topk:k=0.02,bits=2"
+CODECS = ["fp32", "bf16", "bf16-zstd", "int8", "int4", TOPK]
 UPLOAD_ID_MAX = 64  # longer than any upload id the worker ("w-<12 hex>-<round>-<12 hex>") or server makes
 U32, U64 = 2**32 - 1, 2**64 - 1
 
@@ -53,7 +54,7 @@ def chunk_message_bytes(name: str, shape: tuple[int, ...], codec: Codec, data_by
         shape=list(shape),
         dtype=pb.DTYPE_FLOAT32,
         codec=codec.name,
-        codec_params=pb.CodecParams(block_size=U32, zstd_level=-1, bits=U32),
+        codec_params=pb.CodecParams(block_size=U32, zstd_level=-1, bits=U32, keep=U32),
         raw_bytes=U64,
         encoded_bytes=U64,
         group=pb.TENSOR_GROUP_BODY,
@@ -110,6 +111,8 @@ def test_bounds_tell_the_codecs_apart() -> None:
     for c in ("bf16", "bf16-zstd"):
         assert 0.5 < bounds[c] < 0.51, bounds
     assert 0.25 < bounds["int8"] < 0.27 and 0.125 < bounds["int4"] < 0.14, bounds
+    # topk at k=0.02, 2 bits: 4 scale bytes per 4096-value block, 2 index bytes and 1/4 byte per sent value
+    assert 0.01 < bounds[TOPK] < 0.015, bounds
 
 
 @pytest.mark.timeout(START_S + RUN_S + EXIT_S + MARGIN_S)
