@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from dept_comm.channel import open_channel
+from dept_comm.channel import SESSION_METADATA_KEY, call_with_retry, open_channel
 from dept_comm.codecs import get_codec
 from dept_comm.frames import StreamItem, Undecodable, as_message, kind_of
 from dept_comm.pb import service_pb2
@@ -103,6 +103,7 @@ class SimWorker(threading.Thread):
         self.name_ = f"sim-{idx:04d}"
         self.target, self.update, self.spans = target, update, spans
         self.error: BaseException | None = None
+        self.session: tuple[tuple[str, str], ...] = ()
 
     def run(self) -> None:
         try:
@@ -113,7 +114,9 @@ class SimWorker(threading.Thread):
     def _wait_round(self, stub: ParameterServerStub, wid: str, after: int) -> service_pb2.RoundInfo:
         while True:
             info = stub.WaitRound(
-                service_pb2.WaitRoundRequest(worker_id=wid, round_idx=max(after, 0), timeout_ms=0), timeout=60
+                service_pb2.WaitRoundRequest(worker_id=wid, round_idx=max(after, 0), timeout_ms=0),
+                timeout=60,
+                metadata=self.session,
             )
             if info.round_idx > after or info.state == service_pb2.RUN_STATE_FINISHED:
                 return info
@@ -124,16 +127,26 @@ class SimWorker(threading.Thread):
         stub = ParameterServerStub(channel)
         reply = stub.Join(service_pb2.JoinRequest(source_id=self.name_, worker_name=self.name_), timeout=600)
         wid = reply.worker_id
+        # Every call after Join carries the session credential it issued (server/sessions.py).
+        self.session = ((SESSION_METADATA_KEY, reply.session),)
+        md = self.session
         version = -1
         for r in range(len(self.spans)):
             if r > 0:
                 self._wait_round(stub, wid, r - 1)
-            t0, nbytes, opened = time.monotonic(), 0, None
+            t0 = time.monotonic()
             request = service_pb2.PullRequest(worker_id=wid, have_version=max(version, 0), full=version < 0)
-            for msg in stub.PullBody(request):
-                nbytes += msg.ByteSize()
-                if kind_of(msg) == "open" and not isinstance(msg, Undecodable):
-                    opened = as_message(msg).open
+
+            def pull(request: service_pb2.PullRequest = request) -> tuple[int, Any]:
+                nbytes, opened = 0, None
+                for msg in stub.PullBody(request, metadata=md):
+                    nbytes += msg.ByteSize()
+                    if kind_of(msg) == "open" and not isinstance(msg, Undecodable):
+                        opened = as_message(msg).open
+                return nbytes, opened
+
+            # A refusal over the server's --max-streams is retried after its hint, as workers do.
+            nbytes, opened = call_with_retry(pull)
             assert opened is not None
             self.spans[r]["pull"].add(t0, time.monotonic(), nbytes)
             version = opened.target_version
@@ -145,7 +158,6 @@ class SimWorker(threading.Thread):
                 base_digest=opened.target_digest,
                 is_delta=True,
             )
-            messages = self.update.frames(info)
             sent = [0]
             commit: list[Any] = []
 
@@ -159,18 +171,24 @@ class SimWorker(threading.Thread):
                     sent[0] += m.ByteSize()
                     yield m
 
+            def push(info: StreamOpenInfo = info, sent: list[int] = sent, commit: list[Any] = commit) -> None:
+                sent[0] = 0  # a retry sends the same upload again
+                commit.clear()
+                stub.PushUpdate(counted(self.update.frames(info)), timeout=3600, metadata=md)
+
             t0 = time.monotonic()
-            stub.PushUpdate(counted(messages), timeout=3600)
+            call_with_retry(push)
             self.spans[r]["push"].add(t0, time.monotonic(), sent[0])
             t_commit = time.monotonic()
             stub.CommitUpdate(
                 service_pb2.CommitUpdateRequest(commit=commit[0], worker_id=wid, round_idx=r, num_tokens=1),
                 timeout=3600,
+                metadata=md,
             )
             self.spans[r]["commit"].add(t_commit, time.monotonic(), 0)
             self.spans[r]["round"].add(t0, time.monotonic(), 0)
         self._wait_round(stub, wid, len(self.spans) - 1)
-        stub.Leave(service_pb2.LeaveRequest(worker_id=wid, reason="done"), timeout=60)
+        stub.Leave(service_pb2.LeaveRequest(worker_id=wid, reason="done"), timeout=60, metadata=md)
         channel.close()
 
 

@@ -238,6 +238,7 @@ def error_from_rpc(e: grpc.RpcError) -> DeptError | None:
     return None
 
 
+SESSION_METADATA_KEY = "dept-session"  # the session credential Join issued; every later call carries it
 _RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 OVERLOAD_DEFAULT_S = 1.0  # the wait when grpcio itself refused the call (it sends no hint)
 

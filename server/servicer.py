@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dept_comm.channel import abort_with
+from dept_comm.channel import SESSION_METADATA_KEY, abort_with
 from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, WireItem, kind_of
 from dept_comm.pb import service_pb2
@@ -22,7 +22,6 @@ from dept_comm.pb import tensor_pb2 as pb
 
 from .app import ServerApp
 from .auth import TOKEN_METADATA_KEY
-from .sessions import SESSION_METADATA_KEY
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

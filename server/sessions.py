@@ -19,9 +19,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from dept_comm.channel import SESSION_METADATA_KEY
 from dept_comm.errors import PermissionDeniedError, UnauthenticatedError
 
-SESSION_METADATA_KEY = "dept-session"
 SESSION_BYTES = 32  # token_urlsafe(32): 256 random bits
 
 

@@ -10,7 +10,14 @@ from typing import TypeVar
 
 import grpc
 
-from dept_comm.channel import call_with_retry, chunk_timeout_s, error_from_rpc, open_channel, retry_after_hint
+from dept_comm.channel import (
+    SESSION_METADATA_KEY,
+    call_with_retry,
+    chunk_timeout_s,
+    error_from_rpc,
+    open_channel,
+    retry_after_hint,
+)
 from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
@@ -21,7 +28,6 @@ from dept_comm.streaming import unsent
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-SESSION_METADATA_KEY = "dept-session"  # the session credential Join issued (server/sessions.py)
 WATCH_REOPEN_S = 60.0  # a WatchRounds stream is reopened this often (it first sends the current round)
 _current_session: list[str] = []  # this process's latest session credential, for a Leave on a signal
 

@@ -21,12 +21,12 @@ from types import FrameType
 
 import grpc
 
-from dept_comm.channel import channel_options, open_channel
+from dept_comm.channel import SESSION_METADATA_KEY, channel_options, open_channel
 from dept_comm.pb import service_pb2
 from dept_comm.rounds import worker_id_for
 from dept_comm.service import ParameterServerStub
 
-from .client import SESSION_METADATA_KEY, current_session
+from .client import current_session
 from .config import WorkerConfig
 
 logger = logging.getLogger(__name__)
