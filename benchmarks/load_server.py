@@ -14,12 +14,12 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from dept_comm.memory import keep_freed_memory
 from dept_server.config import ServerConfig  # type: ignore[import-not-found]  # mypy checks server/ as "server"
+from dept_server.initial import describe_run  # type: ignore[import-not-found]
 from dept_server.run import start_server, tune_malloc  # type: ignore[import-not-found]
 
 TENSOR_ELEMENTS = 1 << 20  # 4 MiB fp32 tensors (the 125m preset's are 2.4-9.4 MB)
@@ -33,21 +33,6 @@ def synthetic_body(body_mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         f"body.layers.{i:04d}.weight": torch.randn(TENSOR_ELEMENTS // 1024, 1024, generator=gen).mul_(0.02)
         for i in range(count)
-    }
-
-
-def _run_info(config: ServerConfig, body_numel: int) -> dict[str, Any]:
-    return {
-        "variant": config.variant,
-        "model": config.model,
-        "rounds": config.rounds,
-        "seed": config.seed,
-        "codec_up": config.codec_up,
-        "codec_down": config.codec_down,
-        "vocab_size": 0,
-        "vocab_digest": "",
-        "body_params": body_numel,
-        "full_model_fp32_bytes": 4 * body_numel,
     }
 
 
@@ -80,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         staging_dir=args.staging_dir,
     )
     body = synthetic_body(args.body_mib)
-    initial = (body, "", _run_info(config, sum(t.numel() for t in body.values())))
+    numel = sum(t.numel() for t in body.values())
+    info = describe_run(
+        config, body_params=numel, vocab_size=0, vocab_digest="", full_model_fp32_bytes=4 * numel
+    )
+    initial = (body, "", info)
     running = start_server(config, initial)
     del body, initial
     print(json.dumps({"port": running.port}), flush=True)

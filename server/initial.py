@@ -15,6 +15,24 @@ from .config import ServerConfig
 InitialState = tuple[dict[str, torch.Tensor], str, dict[str, Any]]  # shared tensors, vocab digest, run info
 
 
+def describe_run(
+    config: ServerConfig, *, body_params: int, vocab_size: int, vocab_digest: str, full_model_fp32_bytes: int
+) -> dict[str, Any]:
+    """The run description every worker gets at join (and checkpoints keep)."""
+    return {
+        "variant": config.variant,
+        "model": config.model,
+        "rounds": config.rounds,
+        "seed": config.seed,
+        "codec_up": config.codec_up,
+        "codec_down": config.codec_down,
+        "vocab_size": vocab_size,
+        "vocab_digest": vocab_digest,
+        "body_params": body_params,
+        "full_model_fp32_bytes": full_model_fp32_bytes,
+    }
+
+
 def initial_shared_tensors(config: ServerConfig) -> InitialState:
     """Build the initial body (and global embeddings for glob/trim) deterministically from the seed.
 
@@ -36,17 +54,9 @@ def initial_shared_tensors(config: ServerConfig) -> InitialState:
         shared[EMB_WEIGHT] = model.embeddings.weight.detach()
     del model
     body_numel = sum(t.numel() for t in shared.values() if t is not shared.get(EMB_WEIGHT))
-    run_info: dict[str, Any] = {
-        "variant": config.variant,
-        "model": config.model,
-        "rounds": config.rounds,
-        "seed": config.seed,
-        "codec_up": config.codec_up,
-        "codec_down": config.codec_down,
-        "vocab_size": vocab_size,
-        "vocab_digest": digest,
-        "body_params": body_numel,
-        # What standard data parallel would send every step: the whole model in fp32.
-        "full_model_fp32_bytes": 4 * (body_numel + vocab_size * model_config.d_model),
-    }
+    # What standard data parallel would send every step: the whole model in fp32.
+    full = 4 * (body_numel + vocab_size * model_config.d_model)
+    run_info = describe_run(
+        config, body_params=body_numel, vocab_size=vocab_size, vocab_digest=digest, full_model_fp32_bytes=full
+    )
     return shared, digest, run_info
