@@ -153,8 +153,10 @@ def stream_options(config: ServerConfig) -> list[tuple[str, int]]:
     docs/SCALE.md). A fixed ``--stream-window-kib`` caps it; one upload's rate is then at most
     the window per round trip.
     """
+    fixed = ("grpc.http2.bdp_probe", "grpc.http2.lookahead_bytes")
     return [
-        *server_options(),
+        # Each key once: with a duplicate, which value gRPC takes is not ours to rely on.
+        *(opt for opt in server_options() if opt[0] not in fixed),
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", config.stream_window_kib << 10),
     ]
