@@ -10,18 +10,18 @@ Per run, over the steady-state rounds 2..R (the first round pulls the whole init
 starts the processes):
 
 - ``compute_s_per_round``: the inner steps' seconds (``train_s`` on each worker's per-round log
-  line, the training alone, without evaluation or encoding), the slowest worker's per round,
-  mean over rounds;
+  line, the training alone, without evaluation or encoding), mean over rounds, of the slower
+  worker (a per-round maximum would overstate it with overlap, where each worker's rounds run
+  back to back and the slower one sets the pace);
 - ``comm_s_per_round``: the pull's plus the push's seconds (``pull_s + push_s`` on the same
-  line; a push ends when the commit is acknowledged), the slowest worker's per round, mean over
-  rounds;
+  line; a push ends when the commit is acknowledged), mean over rounds, of the slower worker;
 - ``round_wall_s_per_round``: the time between consecutive round closes on the server
   (``timestamp_unix_s`` of consecutive ``metrics.jsonl`` records), mean over rounds;
 - ``wall_over_compute``: the ratio of the two means; ``avg_val_bpb``: the workers' final
   validation bits per byte after the last round, mean over sources (the quality cost of the
   one-round delay is the difference between the two runs).
 
-Settings: the ``small`` model, 2 sources, 6 rounds of 12 inner steps, int8 both ways, 50 Mbit/s
+Settings: the ``small`` model, 2 sources, 6 rounds of 8 inner steps, int8 both ways, 25 Mbit/s
 at 40 ms RTT. ``--quick``: the ``tiny`` model, 4 rounds of 4 steps, 200 Mbit/s at 10 ms (a
 smoke test of the plumbing; its ratios mean nothing).
 """
@@ -35,7 +35,6 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from statistics import mean
@@ -59,7 +58,7 @@ CONFIG = ExperimentConfig(
     variants=("spec",),
     model="small",
     rounds=6,
-    inner_steps=12,
+    inner_steps=8,
     batch_size=8,
     seq_len=128,
     vocab_size=4096,
@@ -69,7 +68,7 @@ CONFIG = ExperimentConfig(
 QUICK_CONFIG = CONFIG.replace(
     model="tiny", rounds=4, inner_steps=4, batch_size=4, seq_len=64, vocab_size=1024
 )
-LINK = (50.0, 40.0)  # rate Mbit/s, RTT ms
+LINK = (25.0, 40.0)  # rate Mbit/s, RTT ms
 QUICK_LINK = (200.0, 10.0)
 
 ROUND_LINE = re.compile(
@@ -87,31 +86,37 @@ def _emulators(control: Connection, targets: list[tuple[str, int]], spec: LinkSp
             control.recv()
 
 
-@contextlib.contextmanager
-def _links(spec: LinkSpec, n: int) -> Iterator[Any]:
-    """``connect(source, server_port) -> address``: the first call starts the emulator process for
-    ``n`` workers in front of that port; each source gets its own emulated link."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    state: dict[str, Any] = {"proc": None, "ports": [], "given": {}}
+class _Links:
+    """``connect(source, server_port) -> address`` for ``run_dept``: the first call starts the
+    emulator process for ``n`` workers in front of that port; each source gets its own link."""
 
-    def connect(source: str, port: int) -> str:
-        if state["proc"] is None:
-            state["proc"] = ctx.Process(target=_emulators, args=(child, [("127.0.0.1", port)] * n, spec))
-            state["proc"].start()
-            state["ports"] = _recv(parent, "link emulators", 60)
-        state["given"][source] = state["ports"][len(state["given"])]
-        return f"127.0.0.1:{state['given'][source]}"
+    def __init__(self, spec: LinkSpec, n: int) -> None:
+        self.spec, self.n = spec, n
+        self._ctx = mp.get_context("spawn")
+        self._control, self._child = self._ctx.Pipe()
+        self._proc: mp.process.BaseProcess | None = None
+        self._ports: list[int] = []
+        self._given: dict[str, int] = {}
 
-    try:
-        yield connect
-    finally:
-        if state["proc"] is not None:
+    def connect(self, source: str, port: int) -> str:
+        if self._proc is None:
+            targets = [("127.0.0.1", port)] * self.n
+            self._proc = self._ctx.Process(target=_emulators, args=(self._child, targets, self.spec))
+            self._proc.start()
+            self._ports = _recv(self._control, "link emulators", 60)
+        self._given.setdefault(source, self._ports[len(self._given)])
+        return f"127.0.0.1:{self._given[source]}"
+
+    def __enter__(self) -> _Links:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
             with contextlib.suppress(OSError):
-                parent.send("stop")
-            state["proc"].join(timeout=30)
-            if state["proc"].is_alive():
-                state["proc"].kill()
+                self._control.send("stop")
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.kill()
 
 
 def worker_rounds(log: Path) -> dict[int, dict[str, float]]:
@@ -127,7 +132,7 @@ def worker_rounds(log: Path) -> dict[int, dict[str, float]]:
     return out
 
 
-def measure(metrics: Path, logs: list[Path], sources: tuple[str, ...]) -> dict[str, Any]:
+def measure(metrics: Path, logs: dict[str, Path], sources: tuple[str, ...]) -> dict[str, Any]:
     """Per-round figures of one run (rounds 2..R; see the module docstring)."""
     records = read_records(metrics)
     closed = [r for r in records if r.get("kind") != "final"]
@@ -135,25 +140,26 @@ def measure(metrics: Path, logs: list[Path], sources: tuple[str, ...]) -> dict[s
         raise ValueError(f"{metrics}: {len(closed)} rounds closed, need 2 or more")
     stamps = [float(r["timestamp_unix_s"]) for r in closed]
     steady = [r["round"] for r in closed[1:]]
-    per_worker = [worker_rounds(log) for log in logs]
-    missing = [(i, r) for i, w in enumerate(per_worker) for r in steady if r not in w]
+    per_worker = {source: worker_rounds(log) for source, log in logs.items()}
+    missing = [(s, r) for s, w in per_worker.items() for r in steady if r not in w]
     if missing:
-        raise ValueError(f"no round line for (worker, round) {missing[:4]} in {[str(p) for p in logs]}")
-    compute = [max(w[r]["train_s"] for w in per_worker) for r in steady]
-    comm = [max(w[r]["comm_s"] for w in per_worker) for r in steady]
+        raise ValueError(
+            f"no round line for (worker, round) {missing[:4]} in {[str(p) for p in logs.values()]}"
+        )
+    series = {s: {k: [w[r][k] for r in steady] for k in ("train_s", "comm_s")} for s, w in per_worker.items()}
+    compute = max(mean(v["train_s"]) for v in series.values())
+    comm = max(mean(v["comm_s"]) for v in series.values())
     wall = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {
         "rounds": len(closed),
-        "compute_s_per_round": round(mean(compute), 3),
-        "comm_s_per_round": round(mean(comm), 3),
+        "compute_s_per_round": round(compute, 3),
+        "comm_s_per_round": round(comm, 3),
         "round_wall_s_per_round": round(mean(wall), 3),
-        "wall_over_compute": round(mean(wall) / mean(compute), 3),
+        "wall_over_compute": round(mean(wall) / compute, 3),
+        "comm_over_compute": round(comm / compute, 3),
         "avg_val_bpb": round(summarise(records, sources)["avg_val_bpb"], 5),
-        "per_round": {
-            "compute_s": [round(x, 3) for x in compute],
-            "comm_s": [round(x, 3) for x in comm],
-            "wall_s": [round(x, 3) for x in wall],
-        },
+        "round_wall_s": [round(x, 3) for x in wall],
+        "workers": {s: {k: [round(x, 3) for x in v] for k, v in d.items()} for s, d in series.items()},
     }
 
 
@@ -172,7 +178,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         for overlap in (False, True):
             out = root / ("overlap" if overlap else "sync")
             t0 = time.monotonic()
-            with _links(spec, len(config.sources)) as connect:
+            with _Links(spec, len(config.sources)) as links:
                 dept = run_dept(
                     config,
                     "spec",
@@ -182,9 +188,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                     echo=lambda line: logger.info("%s", line),
                     started=started,
                     worker_flags=("--overlap",) if overlap else (),
-                    worker_server=connect,
+                    worker_server=links.connect,
                 )
-            logs = [out / "logs" / f"worker-{s}.log" for s in config.sources]
+            logs = {s: out / "logs" / f"worker-{s}.log" for s in config.sources}
             row = {
                 "overlap": overlap,
                 "rate_mbit": rate_mbit,
@@ -200,8 +206,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "benchmark": "overlap",
         "config": {k: v for k, v in config.to_dict().items() if k not in ("heldout", "udhr", "variants")},
         "emulator": "userspace (dept_bench.linkemu), one link per worker",
-        "compute_is": "max over workers of each round's train_s (worker log: inner steps only)",
-        "comm_is": "max over workers of each round's pull_s + push_s (worker log)",
+        "compute_is": "the slower worker's mean train_s over rounds 2..R (worker log: inner steps only)",
+        "comm_is": "the slower worker's mean pull_s + push_s over rounds 2..R (worker log)",
         "round_wall_is": "difference of consecutive rounds' timestamp_unix_s (server metrics.jsonl)",
         "bpb_overlap_vs_sync": round(over["avg_val_bpb"] / sync["avg_val_bpb"] - 1, 5),
         "load_average_before_after": [load_before, [round(x, 2) for x in os.getloadavg()]],
