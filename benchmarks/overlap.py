@@ -19,7 +19,8 @@ starts the processes):
   (``timestamp_unix_s`` of consecutive ``metrics.jsonl`` records), mean over rounds;
 - ``wall_over_compute``: the ratio of the two means; ``avg_val_bpb``: the workers' final
   validation bits per byte after the last round, mean over sources (the quality cost of the
-  one-round delay is the difference between the two runs).
+  one-round delay is the difference between the two runs); ``link_bytes``: what crossed each
+  worker's emulated link, up and down (every byte of the run went through the emulators).
 
 Settings: the ``small`` model, 2 sources, 6 rounds of 8 inner steps, int8 both ways, 25 Mbit/s
 at 40 ms RTT. ``--quick``: the ``tiny`` model, 4 rounds of 4 steps, 200 Mbit/s at 10 ms (a
@@ -84,6 +85,7 @@ def _emulators(control: Connection, targets: list[tuple[str, int]], spec: LinkSp
         control.send([e.port for e in emus])
         with contextlib.suppress(EOFError):
             control.recv()
+            control.send([dict(e.bytes) for e in emus])  # what crossed each link, both ways
 
 
 class _Links:
@@ -97,6 +99,7 @@ class _Links:
         self._proc: mp.process.BaseProcess | None = None
         self._ports: list[int] = []
         self._given: dict[str, int] = {}
+        self.relayed: list[dict[str, int]] = []  # bytes each link carried (up, down), once closed
 
     def connect(self, source: str, port: int) -> str:
         if self._proc is None:
@@ -112,8 +115,9 @@ class _Links:
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, EOFError, TimeoutError):
                 self._control.send("stop")
+                self.relayed = _recv(self._control, "link emulators' byte counts", 30)
             self._proc.join(timeout=30)
             if self._proc.is_alive():
                 self._proc.kill()
@@ -197,6 +201,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "rtt_ms": rtt_ms,
                 "codec": config.codec_up,
                 **measure(dept.metrics_path, logs, config.sources),
+                "link_bytes": links.relayed,
                 "run_wall_s": round(time.monotonic() - t0, 1),
             }
             logger.info("overlap %s", row)

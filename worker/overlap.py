@@ -163,6 +163,11 @@ class Overlap:
         self.replica.hold = True
         self._started_at = time.monotonic()
         self._bg = _Background(self.w.evaluate, self.w.train)
+        logger.info(
+            "overlap round=%d training ahead while round=%d travels",
+            self.w.info.round_idx + 1,
+            self.w.info.round_idx,
+        )
 
     def drop(self) -> None:
         """End the background round, if any, and forget it: the next round is synchronous."""
