@@ -19,6 +19,7 @@ _BENCHMARKS = {
     "load": "dept_bench.load",
     "codecs-quality": "dept_bench.codecs_quality",
     "link": "dept_bench.link",
+    "overlap": "dept_bench.overlap",
 }
 
 

@@ -81,6 +81,8 @@ def run_dept(
     out: Path,
     echo: Callable[[str], None],
     started: float,
+    worker_flags: tuple[str, ...] = (),
+    worker_server: Callable[[str, int], str] | None = None,
 ) -> DeptRun:
     """Train ``variant`` on every source through dept-server and dept-worker; wait for the end.
 
@@ -92,6 +94,9 @@ def run_dept(
         out: this run's folder (metrics.jsonl, checkpoints/, workers/SOURCE, logs/).
         echo: progress output, one line per round.
         started: the experiment's start (monotonic), for elapsed times.
+        worker_flags: more dept-worker flags, the same for every worker (e.g. ``--overlap``).
+        worker_server: (source, server port) -> the address that source's worker connects to
+            (e.g. a link emulator in front of the server); default ``127.0.0.1:PORT``.
 
     Raises:
         RunFailedError: a process exited with an error.
@@ -120,11 +125,13 @@ def run_dept(
         try:
             for source in config.sources:
                 worker_dirs[source] = out / "workers" / source
+                address = worker_server(source, port) if worker_server else f"127.0.0.1:{port}"
                 args = [
-                    "--server", f"127.0.0.1:{port}", "--source", source, "--vocab", str(vocabs[source]),
+                    "--server", address, "--source", source, "--vocab", str(vocabs[source]),
                     "--inner-steps", str(config.inner_steps), "--batch-size", str(config.batch_size),
                     "--seq-len", str(config.seq_len), "--lr", str(config.lr), "--seed", str(config.seed),
                     "--eval-batches", str(config.eval_batches), "--state-dir", str(worker_dirs[source]),
+                    *worker_flags,
                 ]  # fmt: skip
                 log = open(logs / f"worker-{source}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
                 cmd = [sys.executable, "-m", "dept_worker.cli", *args]

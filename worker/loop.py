@@ -75,6 +75,7 @@ class Worker:
         self.overlap = Overlap(self) if config.overlap else None  # --overlap: worker/overlap.py
         self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
         self.last_loss = float("nan")
+        self.comm_s = {"pull_s": 0.0, "push_s": 0.0}  # this round's pull and push seconds (its log line)
         self._diverged = 0  # stale refusals in a row while the server held our version
         self._beat_s = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else 10.0
         self._stop_beats = threading.Event()
@@ -106,6 +107,13 @@ class Worker:
 
     def pull(self, full: bool = False) -> None:
         """Bring the replica to the server's current version, verifying its digest."""
+        t0 = time.monotonic()
+        try:
+            self._pull(full)
+        finally:
+            self.comm_s["pull_s"] += time.monotonic() - t0
+
+    def _pull(self, full: bool) -> None:
         for attempt in (0, 1):
             request = service_pb2.PullRequest(
                 worker_id=self.worker_id,
@@ -177,22 +185,29 @@ class Worker:
     def push(self) -> None:
         assert self.pending is not None
         _, messages, commit = self.pending
-        receipt = self.client.push(messages[:-1])
-        if receipt.missing_seqs:
-            raise CommitMismatchError(
-                f"server is missing chunks {list(receipt.missing_seqs)[:8]} after a push"
-            )
-        self.client.commit(commit)
+        t0 = time.monotonic()
+        try:
+            receipt = self.client.push(messages[:-1])
+            if receipt.missing_seqs:
+                raise CommitMismatchError(
+                    f"server is missing chunks {list(receipt.missing_seqs)[:8]} after a push"
+                )
+            self.client.commit(commit)
+        finally:
+            self.comm_s["push_s"] += time.monotonic() - t0
 
     def do_round(self) -> None:
         round_idx = self.info.round_idx
         started = time.monotonic()
+        self.comm_s = {"pull_s": 0.0, "push_s": 0.0}
         if self.overlap is not None:
-            loss, tokens, metrics, _ = self.overlap.round()
+            loss, tokens, metrics, train_s = self.overlap.round()
         else:
             self.pull()
             metrics = self.evaluate()
+            t0 = time.monotonic()
             loss, tokens = self.train()
+            train_s = time.monotonic() - t0
         messages = self._encode_update(round_idx)
         commit = service_pb2.CommitUpdateRequest(
             commit=as_message(messages[-1]).commit,
@@ -203,19 +218,26 @@ class Worker:
             metrics=metrics,
         )
         self.pending = (round_idx, messages, commit)
-        self.push()
-        self._save(round_idx)
-        if self.overlap is not None:
-            self.overlap.pushed()
+        if self.overlap is not None and self.overlap.has_next(round_idx):
+            self._save(round_idx)  # before the next round's steps move the model and the data
+            self.overlap.train_ahead()
+            self.push()
+        else:
+            self.push()
+            self._save(round_idx)
         up = sum(m.ByteSize() for m in messages)
         logger.info(
-            "round=%d source=%s train_loss=%.4f val_ppl=%.2f up_payload_bytes=%d seconds=%.1f",
+            "round=%d source=%s train_loss=%.4f val_ppl=%.2f up_payload_bytes=%d seconds=%.1f "
+            "train_s=%.3f pull_s=%.3f push_s=%.3f",
             round_idx,
             self.config.source,
             loss,
             metrics.get("ppl", float("nan")),
             up,
             time.monotonic() - started,
+            train_s,
+            self.comm_s["pull_s"],
+            self.comm_s["push_s"],
         )
 
     def wait_for_close(self, round_idx: int) -> None:

@@ -5,6 +5,7 @@ reported, its base is the version the server held)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,14 @@ def test_overlapped_rounds_keep_replicas_identical(global_vocab: Path, tmp_path:
         assert "update refused" not in log and "background round failed" not in log, log[-3000:]
         # every round after the first was trained in the background while the last update travelled
         assert log.count("trained ahead") == ROUNDS - 1, log[-3000:]
+        # ... and none after the last round (the final evaluation sees ROUNDS rounds of training)
+        assert log.count("training ahead while") == ROUNDS - 1, log[-3000:]
+        assert f"training ahead while round={ROUNDS - 1} travels" not in log, log[-3000:]
+        # the per-round line dept-bench overlap reads
+        assert (
+            len(re.findall(r"round=\d+ source=\S+ .* train_s=[\d.]+ pull_s=[\d.]+ push_s=[\d.]+", log))
+            == ROUNDS
+        )
 
 
 def test_overlap_is_refused_where_embeddings_are_shared(global_vocab: Path, tmp_path: Path) -> None:
