@@ -96,9 +96,13 @@ def test_a_worker_whose_update_is_refused_skips_the_round_and_goes_on(
     global_vocab: Path, tmp_path: Path
 ) -> None:
     """Worker "x" trains with a learning rate 100x the others': its update's norm is far above the
-    round's, the server refuses it, the rounds close with the two others, and x finishes the run."""
+    round's, the server refuses it, the rounds close with the two others, and x finishes the run.
+
+    In round 0 the reference is the body's norm until two updates were accepted, so x may count
+    there if it commits first (it did once on a loaded host); from round 1 on the previous round's
+    median is there from the first commit, and x is refused whatever the order."""
     args = [
-        "--port", "0", "--rounds", "2", "--workers", "3", "--min-workers", "2", "--variant", "spec",
+        "--port", "0", "--rounds", "3", "--workers", "3", "--min-workers", "2", "--variant", "spec",
         "--model", "tiny", "--vocab", str(global_vocab), "--metrics-path", str(tmp_path / "metrics.jsonl"),
         "--round-timeout", "300", "--max-update-norm-ratio", "3",
     ]  # fmt: skip
@@ -115,11 +119,13 @@ def test_a_worker_whose_update_is_refused_skips_the_round_and_goes_on(
     wait_workers(workers, RUN_S)  # x too exits 0: a refusal is no failure
     assert server.wait(EXIT_S) == 0, describe()
     rounds = [r for r in records(tmp_path / "metrics.jsonl") if r.get("kind") != "final"]
-    assert [r["round"] for r in rounds] == [0, 1] and all(r["num_workers"] == 2 for r in rounds), describe()
+    assert [r["round"] for r in rounds] == [0, 1, 2], describe()
+    assert rounds[0]["num_workers"] in (2, 3) and all(r["num_workers"] == 2 for r in rounds[1:]), describe()
+    refused = sum(r["num_workers"] == 2 for r in rounds)
     server_log = (tmp_path / "server.log").read_text()
-    assert server_log.count("update_refused") == 2 and "max-update-norm-ratio" in server_log
+    assert server_log.count("update_refused") == refused and "max-update-norm-ratio" in server_log
     x_log = (tmp_path / "x.log").read_text()
-    assert x_log.count("update refused by the server") == 2 and "Traceback" not in x_log, x_log[-3000:]
+    assert x_log.count("update refused by the server") == refused and "Traceback" not in x_log, x_log[-3000:]
     for name in names:  # x's replica follows the body though none of its updates counted
         seen = digests(tmp_path / name)
         for r in rounds:
