@@ -38,6 +38,7 @@ from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.progress import InflightTransfers
 from dept_comm.staging import StagingArea
 from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 
@@ -131,6 +132,7 @@ class ServerApp:
         tokens = read_tokens(config.tokens_file) if config.tokens_file is not None else None
         self.join_policy = JoinPolicy(tokens, require_cert_name=config.tls_client_ca is not None)
         self.streams = StreamSlots(config.max_streams)
+        self.inflight = InflightTransfers()  # bytes moving now, for --metrics-port (servicer.py counts)
         self._wait_slots = threading.BoundedSemaphore(WAIT_SLOTS)
         self._norm_guard = NormGuard(config.max_update_norm_ratio)
         self._body_norm_at: tuple[int, float] = (-1, 0.0)

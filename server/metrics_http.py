@@ -13,16 +13,20 @@ logger = logging.getLogger(__name__)
 
 
 def serve_metrics(
-    host: str, port: int, records: Callable[[], Sequence[RoundMetrics]]
+    host: str,
+    port: int,
+    records: Callable[[], Sequence[RoundMetrics]],
+    live: Callable[[], str] = lambda: "",
 ) -> tuple[ThreadingHTTPServer, int]:
-    """Start a daemon HTTP server answering GET /metrics; returns it and its bound port."""
+    """Start a daemon HTTP server answering GET /metrics (the closed rounds' figures, then
+    ``live()``: e.g. the in-flight transfer gauges); returns it and its bound port."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             if self.path.split("?")[0] not in ("/metrics", "/"):
                 self.send_error(404)
                 return
-            body = prometheus_text(list(records())).encode()
+            body = (prometheus_text(list(records())) + live()).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))

@@ -187,7 +187,9 @@ def start_server(config: ServerConfig, initial: InitialState | None = None) -> R
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     metrics_server, metrics_port = None, None
     if config.metrics_port is not None:
-        metrics_server, metrics_port = serve_metrics(config.host, config.metrics_port, lambda: app.records)
+        metrics_server, metrics_port = serve_metrics(
+            config.host, config.metrics_port, lambda: app.records, app.inflight.prometheus_text
+        )
     stop = threading.Event()
 
     def tick() -> None:  # closes rounds at their deadline even when no commit arrives

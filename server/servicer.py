@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import Any, TypeVar
 
 import grpc
@@ -80,10 +81,11 @@ class ParameterServerServicer:
         started = _guard(context, lambda: self._app.streams.acquire("pull"))
         try:
             messages = _guard(context, lambda: self._app.pull(request))
-            for msg in messages:
-                if not context.is_active():
-                    return
-                yield msg
+            with closing(self._app.inflight.track("pull", messages)) as tracked:
+                for msg in tracked:
+                    if not context.is_active():
+                        return
+                    yield msg
         finally:
             self._app.streams.release(started)
 
@@ -104,7 +106,8 @@ class ParameterServerServicer:
                 self._app.sessions.authorize(session, owner)
             with self._app.streams.slot("push"):
                 rest: Iterator[Any] = it if first is None else itertools.chain([first], it)
-                return self._app.push(rest)
+                with closing(self._app.inflight.track("push", rest)) as tracked:
+                    return self._app.push(tracked)
 
         return _guard(context, push)
 

@@ -51,6 +51,15 @@ PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path
     show_default=True,
     help="A pull or push that moves no 1 MiB chunk in 3x the time this rate needs is cancelled and resumed.",
 )
+@click.option(
+    "--progress-interval",
+    "progress_interval_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress lines of a long pull or push (bytes, rate, ETA) and of the inner steps "
+    "(step k/K, running loss); shorter work logs none.",
+)
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
 @click.option(
     "--overlap",

@@ -21,6 +21,7 @@ from dept_comm.channel import (
 from dept_comm.errors import DeptError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
+from dept_comm.progress import DEFAULT_INTERVAL_S, TransferProgress, size_of
 from dept_comm.pull_resume import PullProgress
 from dept_comm.service import ParameterServerStub
 from dept_comm.stall import StallGuard
@@ -57,13 +58,16 @@ class ServerClient:
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
         stream_idle_s: float | None = None,
+        progress_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         """Open the channel: TLS with ``credentials`` (``server_name`` overrides the name the server
         certificate must carry), plaintext without; ``token`` goes along as a bearer token either way.
 
         Pulls and pushes have no deadline as a whole (a large model over a slow link may take
         hours); one is cancelled and retried once no message moved for ``stream_idle_s`` (default:
-        what a 1 MiB chunk needs at 1 Mbit/s, with 3x slack: 25 s).
+        what a 1 MiB chunk needs at 1 Mbit/s, with 3x slack: 25 s). A pull or push that lasts
+        longer than ``progress_interval_s`` logs its bytes, rate and ETA that often
+        (``dept_comm.progress``).
         """
         self.target = target
         self._channel = open_channel(target, credentials=credentials, server_name=server_name)
@@ -74,6 +78,7 @@ class ServerClient:
         self._attempts = retry_attempts
         self._retry_for_s = retry_for_s
         self.stream_idle_s = stream_idle_s if stream_idle_s is not None else stream_idle_for(1.0)
+        self.progress_interval_s = progress_interval_s
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -108,12 +113,13 @@ class ServerClient:
         """Receive a whole pull stream; a cut or stalled stream goes on from its first missing
         chunk (see ``dept_comm.pull_resume``)."""
         progress = PullProgress(request)
+        watch = TransferProgress("pull", interval_s=self.progress_interval_s)
 
         def once() -> list[WireItem]:
             with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
                 call = self._stub.PullBody(progress.next_request(), metadata=self._metadata)
                 guard.on_stall(call.cancel)
-                for msg in guard.guarded(call):
+                for msg in watch.wrap(guard.guarded(call)):
                     progress.add(msg)
             return progress.messages()
 
@@ -151,8 +157,12 @@ class ServerClient:
                         len(todo) - 1,
                         len(messages) - 1,
                     )
+            watch = TransferProgress(
+                "push", total_bytes=sum(size_of(m) for m in todo), interval_s=self.progress_interval_s
+            )
             with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
-                future = self._stub.PushUpdate.future(guard.guarded(iter(todo)), metadata=self._metadata)
+                sent = watch.wrap(guard.guarded(iter(todo)))
+                future = self._stub.PushUpdate.future(sent, metadata=self._metadata)
                 guard.on_stall(future.cancel)
                 return future.result()
 

@@ -31,6 +31,7 @@ from dept_comm.errors import (
 from dept_comm.frames import StreamItem, as_message
 from dept_comm.names import EMB_IDS, group_of
 from dept_comm.pb import service_pb2
+from dept_comm.progress import IntervalGate
 from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
 from dept_model import Variant, evaluate
 from dept_model.data import eval_batches
@@ -148,9 +149,12 @@ class Worker:
     def train(self) -> tuple[float, int]:
         device = torch.device(self.config.device)
         losses = []
-        for _ in range(self.config.inner_steps):
+        gate = IntervalGate(self.config.progress_interval_s)
+        for k in range(1, self.config.inner_steps + 1):
             x, y = self.setup.train_batches.next_batch()
             losses.append(self.setup.trainer.step(x.to(device), y.to(device)))
+            if gate.due():  # the running loss: the mean of this round's steps so far
+                logger.info("inner_step step=%d/%d loss=%.4f", k, self.config.inner_steps, sum(losses) / k)
         self.last_loss = sum(losses) / len(losses)
         return self.last_loss, self.config.inner_steps * self.config.batch_size * self.config.seq_len
 
@@ -388,6 +392,7 @@ def connect(config: WorkerConfig) -> ServerClient:
         credentials=config.channel_credentials(),
         server_name=config.tls_server_name,
         stream_idle_s=stream_idle_for(config.min_bandwidth_mbps),
+        progress_interval_s=config.progress_interval_s,
     )
 
 
