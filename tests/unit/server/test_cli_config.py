@@ -40,6 +40,7 @@ def test_server_rejects_bad_flags(args: list[str], needle: str) -> None:
         (["--source", "sw", "--device", "tpu"], "tpu"),
         (["--source", "sw", "--inner-steps", "0"], "inner-steps"),
         (["--source", "sw", "--min-bandwidth-mbps", "0"], "min-bandwidth-mbps"),
+        (["--source", "sw", "--progress-interval", "0"], "progress-interval"),
         ([], "--source"),
     ],
 )
