@@ -5,9 +5,9 @@
 
     transfer_progress direction=pull done=12582912 total=unknown rate_MBps=1.20 eta_s=unknown tensors=3/40
 
-``total`` is known for a push (the messages are all built before they are sent) and unknown for a
-pull (the stream's open names its tensors, not their bytes): then there is no ETA, and ``tensors``
-(the highest tensor begun, of the open's count) says how far it went. A transfer that ends within
+``total`` is known for a push (the messages are all built before they are sent) and for a pull
+whose open announces ``payload_bytes`` (dept-server's do); otherwise it is unknown and there is no
+ETA. ``tensors`` (the highest tensor begun, of the open's count) says how far it went either way. A transfer that ends within
 ``interval_s`` logs nothing. The rate is the average since the transfer began.
 
 :class:`IntervalGate` is the clock behind it, for any loop (the worker's inner steps use it).
@@ -67,14 +67,15 @@ class IntervalGate:
         return self._clock() - self.started
 
 
-def _tensor_position(msg: WireItem) -> tuple[int | None, int | None]:
-    """(tensor count from an open, tensor index from a chunk), each None where the message has none."""
+def _tensor_position(msg: WireItem) -> tuple[int | None, int | None, int | None]:
+    """(tensor count and announced payload bytes from an open, tensor index from a chunk), each
+    None where the message has none."""
     chunk = chunk_of(msg)
     if chunk is not None:
-        return None, int(chunk.tensor_idx)
+        return None, None, int(chunk.tensor_idx)
     if kind_of(msg) == "open" and isinstance(msg, pb.StreamMessage):
-        return int(msg.open.num_tensors), None
-    return None, None
+        return int(msg.open.num_tensors), int(msg.open.payload_bytes) or None, None
+    return None, None, None
 
 
 class TransferProgress:
@@ -107,9 +108,11 @@ class TransferProgress:
     def add(self, msg: WireItem) -> None:
         """Count one message (its bytes, and where in the stream's tensors it is)."""
         self.done += size_of(msg)
-        count, idx = _tensor_position(msg)
+        count, announced, idx = _tensor_position(msg)
         if count is not None:
             self.num_tensors = count
+        if announced is not None and self.total_bytes is None:
+            self.total_bytes = announced  # the chunks' payload; framing makes ``done`` end a little above
         if idx is not None:
             self.tensor_idx = idx if self.tensor_idx is None else max(self.tensor_idx, idx)
         if self._gate.due():

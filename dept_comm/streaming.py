@@ -96,6 +96,7 @@ class StreamOpenInfo:
     target_digest: bytes = b""
     is_delta: bool = False
     num_tensors: int = 0  # filled in by encode_stream
+    payload_bytes: int = 0  # pulls: what the chunks carry in all, announced for progress (0: unknown)
 
     def to_pb(self) -> pb.StreamOpen:
         return pb.StreamOpen(**dataclasses.asdict(self))

@@ -218,7 +218,9 @@ class Downlink:
                 tensors.append(EncodedTensor(name, header, tuple(checksums), payload=payload))
                 extra[name] = payload
         info = replace(
-            self.open_info(delta=delta, round_idx=round_idx, row_ids=row_ids), num_tensors=len(tensors)
+            self.open_info(delta=delta, round_idx=round_idx, row_ids=row_ids),
+            num_tensors=len(tensors),
+            payload_bytes=sum(int(t.header.encoded_bytes) for t in tensors),
         )
         resumed = resume_upload_id == info.upload_id and resume_target_digest == info.target_digest
         skip = resume_from_seq if resumed else 0

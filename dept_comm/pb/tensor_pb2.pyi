@@ -246,6 +246,7 @@ class StreamOpen(_message.Message):
     TARGET_DIGEST_FIELD_NUMBER: _builtins.int
     IS_DELTA_FIELD_NUMBER: _builtins.int
     NUM_TENSORS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
     sender_id: _builtins.str
     """worker id (uploads) or "server" (pulls)"""
@@ -259,6 +260,8 @@ class StreamOpen(_message.Message):
     is_delta: _builtins.bool
     """tensors are updates to the base state, not values"""
     num_tensors: _builtins.int
+    payload_bytes: _builtins.int
+    """pulls: encoded payload bytes of all the stream's chunks, for progress and ETA only (0: not announced)"""
     def __init__(
         self,
         *,
@@ -271,10 +274,11 @@ class StreamOpen(_message.Message):
         target_digest: _builtins.bytes = ...,
         is_delta: _builtins.bool = ...,
         num_tensors: _builtins.int = ...,
+        payload_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "base_version", b"base_version", "is_delta", b"is_delta", "num_tensors", b"num_tensors", "round_idx", b"round_idx", "sender_id", b"sender_id", "target_digest", b"target_digest", "target_version", b"target_version", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "base_version", b"base_version", "is_delta", b"is_delta", "num_tensors", b"num_tensors", "payload_bytes", b"payload_bytes", "round_idx", b"round_idx", "sender_id", b"sender_id", "target_digest", b"target_digest", "target_version", b"target_version", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

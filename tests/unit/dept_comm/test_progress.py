@@ -19,8 +19,10 @@ class FakeClock:
         return self.now
 
 
-def open_msg(num_tensors: int) -> pb.StreamMessage:
-    return pb.StreamMessage(open=pb.StreamOpen(upload_id="u", num_tensors=num_tensors))
+def open_msg(num_tensors: int, payload_bytes: int = 0) -> pb.StreamMessage:
+    return pb.StreamMessage(
+        open=pb.StreamOpen(upload_id="u", num_tensors=num_tensors, payload_bytes=payload_bytes)
+    )
 
 
 def chunk(seq: int, tensor_idx: int, n: int) -> ChunkFrame:
@@ -79,6 +81,21 @@ def test_pull_progress_has_no_total_or_eta_and_counts_tensors(caplog: pytest.Log
     [line] = lines(caplog)  # at 1.0 s, on the last message
     assert line.startswith(f"transfer_progress direction=pull done={progress.done} total=unknown ")
     assert line.endswith(" eta_s=unknown tensors=3/5")
+
+
+def test_a_pull_whose_open_announces_its_bytes_has_a_total_and_eta(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dept_comm.progress")
+    clock = FakeClock()
+    progress = TransferProgress("pull", interval_s=1.0, clock=clock)
+    msgs: list[StreamItem] = [open_msg(5, payload_bytes=2000), chunk(0, 0, 100), chunk(1, 2, 400)]
+    for _ in progress.wrap(msgs):
+        clock.now += 0.5
+    assert progress.total_bytes == 2000
+    eta = progress.eta_s()
+    assert eta is not None and eta == pytest.approx((2000 - progress.done) / progress.rate_bps())
+    [line] = lines(caplog)  # logged at 1.0 s, on the last message: rate = done / 1.0 s
+    at_line = (2000 - progress.done) / (progress.done / 1.0)
+    assert " total=2000 " in line and f" eta_s={at_line:.0f} " in line and line.endswith(" tensors=3/5")
 
 
 def test_a_transfer_shorter_than_the_interval_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
