@@ -157,9 +157,10 @@ class ServerClient:
                         len(todo) - 1,
                         len(messages) - 1,
                     )
-            watch = TransferProgress(
-                "push", total_bytes=sum(size_of(m) for m in todo), interval_s=self.progress_interval_s
-            )
+            # Sized by index: iterating ``todo`` is what sends it (a caller may hand in a sequence
+            # whose iteration is the stream itself).
+            total = sum(size_of(todo[i]) for i in range(len(todo)))
+            watch = TransferProgress("push", total_bytes=total, interval_s=self.progress_interval_s)
             with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
                 sent = watch.wrap(guard.guarded(iter(todo)))
                 future = self._stub.PushUpdate.future(sent, metadata=self._metadata)
