@@ -54,6 +54,7 @@ from .watch import RoundWatchers
 logger = logging.getLogger(__name__)
 
 CONCURRENT_CHECKS = 2
+ATTRIBUTES_SCHEMA = "dept/1"  # JoinRequest.attributes: dept.variant, dept.vocab_digest (hex)
 STAGING_AUTO_MIN_MIB = 16
 STAGING_AUTO_MAX_MIB = 1024
 
@@ -263,17 +264,21 @@ class ServerApp:
         TLS): with ``--tokens`` or mTLS they must allow the worker's name.
         """
         self.join_policy.check(req.worker_name or req.source_id, bearer, cert_names)
-        variant = service_pb2.Variant.Name(req.variant).removeprefix("VARIANT_").lower().replace("_", "-")
-        if variant == "unspecified":  # the worker follows whatever variant the server runs
-            variant = self.config.variant
+        attrs = req.attributes
+        if attrs and req.attributes_schema != ATTRIBUTES_SCHEMA:
+            raise ManifestMismatchError(
+                f"join attributes of schema {req.attributes_schema!r}; this server reads {ATTRIBUTES_SCHEMA!r}"
+            )
+        variant = attrs.get("dept.variant", "") or self.config.variant  # unset: the server's variant
         if variant != self.config.variant:
             raise ManifestMismatchError(
                 f"server runs variant {self.config.variant}, worker asked for {variant}"
             )
-        if self.config.shares_embeddings and req.vocab_digest.hex() != self.vocab_digest:
+        worker_vocab = attrs.get("dept.vocab_digest", "")
+        if self.config.shares_embeddings and worker_vocab != self.vocab_digest:
             raise ManifestMismatchError(
                 f"vocabulary digest mismatch: the server's global tokenizer is {self.vocab_digest[:16]}...,"
-                f" the worker's is {req.vocab_digest.hex()[:16]}...; pass the server's --vocab file to the worker"
+                f" the worker's is {worker_vocab[:16]}...; pass the server's --vocab file to the worker"
             )
         for codec in (codec_name(self.config.codec_up), codec_name(self.config.codec_down)):
             if req.codecs and codec not in req.codecs:
@@ -282,7 +287,7 @@ class ServerApp:
                 )
         name = req.worker_name or req.source_id
         try:
-            worker_id = self.coordinator.join(name, req.source_id, variant, req.vocab_digest.hex()).worker_id
+            worker_id = self.coordinator.join(name, req.source_id, variant, worker_vocab).worker_id
         except RunFinishedError:
             # A worker back after the last round (its server restarted, or it did) may still pull
             # the final body to evaluate it and report on Leave; it takes part in no round.
@@ -318,8 +323,8 @@ class ServerApp:
         self._known(req.worker_id)
         row_ids = None
         if self.config.variant == "trim":
-            if req.embedding_rows:
-                row_ids = self.model.check_row_ids(torch.tensor(list(req.embedding_rows), dtype=torch.int64))
+            if req.row_ids:
+                row_ids = self.model.check_row_ids(torch.tensor(list(req.row_ids), dtype=torch.int64))
                 with self._lock:
                     self._row_ids[req.worker_id] = row_ids
             else:

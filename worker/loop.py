@@ -121,7 +121,7 @@ class Worker:
                 round_idx=self.info.round_idx,
                 have_version=max(self.replica.version, 0),
                 full=full or attempt == 1 or self.replica.version < 0,
-                embedding_rows=self._row_ids(),
+                row_ids=self._row_ids(),
             )
             # On a GPU, int8/int4 updates are dequantised there: the host copies packed bytes only.
             info, tensors = receive_stream(
@@ -308,7 +308,8 @@ class Worker:
     def join_request(config: WorkerConfig, digest_hex: str) -> service_pb2.JoinRequest:
         return service_pb2.JoinRequest(
             source_id=config.source,
-            vocab_digest=bytes.fromhex(digest_hex),
+            attributes={"dept.vocab_digest": digest_hex},
+            attributes_schema="dept/1",
             codecs=codec_names(),
             worker_name=config.worker_name,
         )

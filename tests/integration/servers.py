@@ -66,17 +66,18 @@ class Joined:
 
 
 def join_and_pull(
-    client: ServerClient, source: str = "sw", *, vocab_digest: str = "", embedding_rows: Sequence[int] = ()
+    client: ServerClient, source: str = "sw", *, vocab_digest: str = "", row_ids: Sequence[int] = ()
 ) -> Joined:
-    """Join as ``source`` and pull the whole body (for trim: with the rows of ``embedding_rows``;
+    """Join as ``source`` and pull the whole body (for trim: with the rows of ``row_ids``;
     glob and trim need the global tokenizer's ``vocab_digest``, hex, at join)."""
     join = service_pb2.JoinRequest(
-        source_id=source, worker_name=source, vocab_digest=bytes.fromhex(vocab_digest)
+        source_id=source,
+        worker_name=source,
+        attributes={"dept.vocab_digest": vocab_digest},
+        attributes_schema="dept/1",
     )
     reply = client.join(join)
-    request = service_pb2.PullRequest(
-        worker_id=reply.worker_id, full=True, embedding_rows=list(embedding_rows)
-    )
+    request = service_pb2.PullRequest(worker_id=reply.worker_id, full=True, row_ids=list(row_ids))
     pulled = client.pull(request)
     info, body = receive_stream(pulled, limits=PULL_LIMITS)
     return Joined(reply.worker_id, reply, info, body)

@@ -114,7 +114,7 @@ def test_a_trim_upload_moves_the_workers_rows_by_what_the_server_decoded(tmp_pat
         client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20)
         try:
             digest = vocab_digest(load_tokenizer(vocab))
-            joined = join_and_pull(client, vocab_digest=digest, embedding_rows=ids.tolist())
+            joined = join_and_pull(client, vocab_digest=digest, row_ids=ids.tolist())
             assert torch.equal(joined.body[EMB_IDS], ids) and joined.body[EMB_ROWS].shape[0] == len(ids)
             sent = worker_upload(joined, seed=5, chunk_bytes=CHUNK_BYTES)
             headers = {h.name: h for h in (header_of(chunk_of(m)) for m in sent.messages if chunk_of(m)) if h}

@@ -1,0 +1,1 @@
+"""dept_comm.server: a parameter server that runs DiLoCo-style rounds over any named tensors."""
