@@ -1,4 +1,8 @@
-"""ServerApp: the coordinator's state and round logic, with no gRPC types beyond protobuf messages."""
+"""ServerApp: the parameter server's state and round logic, with no gRPC types beyond protobuf messages.
+
+It runs rounds over any named tensors; what a trainer adds (join check, run description, resume
+identity, a row subset, a label) comes in :class:`~dept_comm.server.hooks.ServerHooks`.
+"""
 
 from __future__ import annotations
 
@@ -27,14 +31,12 @@ from dept_comm.errors import (
     NotFoundError,
     OutlierUpdateError,
     PermissionDeniedError,
-    ResumeMismatchError,
     RunFinishedError,
     StaleRoundError,
     StreamOrderError,
 )
 from dept_comm.frames import StreamItem, Undecodable, WireItem, kind_of
 from dept_comm.memory import release_freed_memory
-from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
@@ -45,7 +47,7 @@ from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 from .admission import WAIT_SLOTS, StreamSlots
 from .aggregate import RoundAggregate, contribution_weight
 from .config import ServerConfig
-from .initial import InitialState, initial_shared_tensors
+from .hooks import ServerHooks, check_resume_identity
 from .model_state import GlobalModel
 from .norm_guard import NormGuard
 from .sessions import JoinPolicy, Sessions, read_tokens
@@ -54,7 +56,6 @@ from .watch import RoundWatchers
 logger = logging.getLogger(__name__)
 
 CONCURRENT_CHECKS = 2
-ATTRIBUTES_SCHEMA = "dept/1"  # JoinRequest.attributes: dept.variant, dept.vocab_digest (hex)
 STAGING_AUTO_MIN_MIB = 16
 STAGING_AUTO_MAX_MIB = 1024
 
@@ -70,25 +71,17 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
-def check_resume_compatible(meta: Mapping[str, Any], config: ServerConfig, vocab_digest: str) -> None:
-    """Refuse to resume a checkpoint made by a run of another variant, model or vocabulary.
-
-    Raises:
-        ResumeMismatchError: naming the checkpoint's value and this server's, for each that differs.
-    """
-    wanted = {"variant": config.variant, "model": config.model, "vocab_digest": vocab_digest}
-    flags = {"variant": "--variant", "model": "--model", "vocab_digest": "--vocab (digest)"}
-    differ = [
-        f"{flags[k]}: checkpoint {meta.get(k)!r}, this server {v!r}"
-        for k, v in wanted.items()
-        if k in meta and meta[k] != v
-    ]
-    if differ:
-        raise ResumeMismatchError(
-            "cannot --resume: the checkpoint was made by another run ("
-            + "; ".join(differ)
-            + "). Start with the same settings, or use another --checkpoint-dir."
-        )
+def default_run_info(config: ServerConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The run description workers get at join when the hooks give none."""
+    numel = sum(t.numel() for t in tensors.values())
+    return {
+        "rounds": config.rounds,
+        "codec_up": config.codec_up,
+        "codec_down": config.codec_down,
+        "num_tensors": len(tensors),
+        "params": numel,
+        "full_model_fp32_bytes": 4 * numel,
+    }
 
 
 @dataclass
@@ -103,21 +96,43 @@ class WorkerRound:
 
 
 class ServerApp:
-    """Everything dept-server does between decoding a request and encoding the reply."""
+    """Everything the server does between decoding a request and encoding the reply."""
 
-    def __init__(self, config: ServerConfig, initial: InitialState | None = None) -> None:
-        """``initial``: the starting tensors, vocabulary digest and run description (default:
-        built from ``config.model``; the load benchmark passes a synthetic body)."""
+    def __init__(
+        self,
+        config: ServerConfig,
+        tensors: Mapping[str, torch.Tensor],
+        hooks: ServerHooks | None = None,
+        *,
+        copy: bool = True,
+    ) -> None:
+        """``tensors``: the starting global tensors by name (float32 from here on). ``copy=False``:
+        take them as they are (the caller keeps no reference and never writes them), which saves
+        one copy of the model at start."""
         self.config = config
+        self.hooks = hooks if hooks is not None else ServerHooks()
         self._store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
-        shared, vocab_digest, self.run_info = (
-            initial if initial is not None else initial_shared_tensors(config)
-        )
-        self.vocab_digest = vocab_digest
         outer = build_outer(config.outer, config.outer_lr, config.outer_momentum)
-        self.model = GlobalModel(
-            variant=config.variant, shared=shared, outer=outer, codec_down=config.codec_down, copy=False
-        )  # the initial tensors are this app's alone (built here, or handed over by the caller)
+        try:
+            self.model = GlobalModel(
+                shared=dict(tensors),
+                outer=outer,
+                codec_down=config.codec_down,
+                copy=copy,
+                row_subset=self.hooks.row_subset,
+                group_of=self.hooks.groups(),
+            )
+        except BaseException:
+            if self._store is not None:
+                self._store.close()
+            raise
+        shared = self.model.shared
+        self.run_info: dict[str, Any] = (
+            dict(self.hooks.run_info) if self.hooks.run_info is not None else default_run_info(config, shared)
+        )
+        # What standard data parallel would send every step (the trainer may know better).
+        full = self.run_info.get("full_model_fp32_bytes", 4 * sum(t.numel() for t in shared.values()))
+        self._full_model_fp32_bytes = int(full)
         self.coordinator = RoundCoordinator(
             CoordinatorConfig(
                 num_rounds=config.rounds,
@@ -138,10 +153,9 @@ class ServerApp:
         self._norm_guard = NormGuard(config.max_update_norm_ratio)
         self._body_norm_at: tuple[int, float] = (-1, 0.0)
         self.watchers = RoundWatchers(self.round_info, limit=2 * config.max_workers)
-        vocab, dim = shared[EMB_WEIGHT].shape if config.variant == "trim" else (0, 0)
         self._aggregate = RoundAggregate(
             {k: tuple(v.shape) for k, v in shared.items()},
-            trim_rows=(vocab, dim) if config.variant == "trim" else None,
+            row_subset=self.hooks.row_subset,
             weighting=config.outer_weighting,
         )
         self._staging_tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -194,7 +208,7 @@ class ServerApp:
             )
             return
         meta = ckpt.meta
-        check_resume_compatible(meta, self.config, self.vocab_digest)
+        check_resume_identity(meta, self.hooks.resume_identity, self.hooks.resume_labels)
         self.model.restore(ckpt.tensors, version=int(meta["version"]))
         # Checkpoints before the round digest covered the shared embeddings hold the body's digest.
         restored = self.model.digest if meta.get("digest_covers") == "shared" else self.model.body_digest()
@@ -261,25 +275,11 @@ class ServerApp:
         """Register the worker and issue its session credential (its previous one stops working).
 
         ``bearer`` is the caller's token and ``cert_names`` its client certificate's names (mutual
-        TLS): with ``--tokens`` or mTLS they must allow the worker's name.
+        TLS): with ``--tokens`` or mTLS they must allow the worker's name. The join attributes
+        go to ``hooks.admit``, which may refuse them.
         """
         self.join_policy.check(req.worker_name or req.source_id, bearer, cert_names)
-        attrs = req.attributes
-        if attrs and req.attributes_schema != ATTRIBUTES_SCHEMA:
-            raise ManifestMismatchError(
-                f"join attributes of schema {req.attributes_schema!r}; this server reads {ATTRIBUTES_SCHEMA!r}"
-            )
-        variant = attrs.get("dept.variant", "") or self.config.variant  # unset: the server's variant
-        if variant != self.config.variant:
-            raise ManifestMismatchError(
-                f"server runs variant {self.config.variant}, worker asked for {variant}"
-            )
-        worker_vocab = attrs.get("dept.vocab_digest", "")
-        if self.config.shares_embeddings and worker_vocab != self.vocab_digest:
-            raise ManifestMismatchError(
-                f"vocabulary digest mismatch: the server's global tokenizer is {self.vocab_digest[:16]}...,"
-                f" the worker's is {worker_vocab[:16]}...; pass the server's --vocab file to the worker"
-            )
+        registration = self.hooks.admit(dict(req.attributes), req.attributes_schema) or ""
         for codec in (codec_name(self.config.codec_up), codec_name(self.config.codec_down)):
             if req.codecs and codec not in req.codecs:
                 raise ManifestMismatchError(
@@ -287,7 +287,7 @@ class ServerApp:
                 )
         name = req.worker_name or req.source_id
         try:
-            worker_id = self.coordinator.join(name, req.source_id, variant, worker_vocab).worker_id
+            worker_id = self.coordinator.join(name, req.source_id, self.hooks.label, registration).worker_id
         except RunFinishedError:
             # A worker back after the last round (its server restarted, or it did) may still pull
             # the final body to evaluate it and report on Leave; it takes part in no round.
@@ -322,7 +322,7 @@ class ServerApp:
         request resumes at; no lock is held while it streams, and the body is never copied."""
         self._known(req.worker_id)
         row_ids = None
-        if self.config.variant == "trim":
+        if self.model.row_subset is not None:
             if req.row_ids:
                 row_ids = self.model.check_row_ids(torch.tensor(list(req.row_ids), dtype=torch.int64))
                 with self._lock:
@@ -572,8 +572,19 @@ class ServerApp:
         self._free_dropped_uploads()  # the coordinator dropped what was left open in the round
         release_freed_memory()  # the round's sums and the previous version go back to the system
         self.watchers.publish()
+        self._round_closed(record)
         if state.finished:
             self.finished.set()
+
+    def _round_closed(self, record: RoundMetrics) -> None:
+        """Tell ``hooks.on_round_closed``; what it raises is logged, never fails the round."""
+        callback = self.hooks.on_round_closed
+        if callback is None:
+            return
+        try:
+            callback(record, self.model.shared)
+        except Exception:
+            logger.exception("on_round_closed failed round=%d", record.round)
 
     def _round_record(self, round_idx: int, num_workers: int) -> RoundMetrics:
         per_worker = self._rounds.pop(round_idx, {})
@@ -586,7 +597,7 @@ class ServerApp:
         evals = {wr.source: wr.metrics for wr in per_worker.values() if wr.metrics}
         return RoundMetrics(
             round=round_idx,
-            variant=self.config.variant,
+            variant=self.hooks.label,
             num_workers=num_workers,
             duration_s=time.monotonic() - self._round_started,
             up_raw_bytes=sum(w.up_raw_bytes for w in workers),
@@ -597,7 +608,7 @@ class ServerApp:
             digest=self.model.digest.hex(),
             replica_digests=self._replica_digests(per_worker),
             workers=workers,
-            full_model_fp32_bytes=int(self.run_info["full_model_fp32_bytes"]),
+            full_model_fp32_bytes=self._full_model_fp32_bytes,
             uncompressed_body_bytes=4 * self.model.body_numel,
             eval=evals,
             version=self.model.version,
@@ -606,9 +617,9 @@ class ServerApp:
         )
 
     def _replica_digests(self, per_worker: Mapping[str, WorkerRound]) -> dict[str, str]:
-        """TRIM: by source, the digest each worker's replica must have after this round (its
-        rows differ per worker); other variants' replicas all carry the round digest."""
-        if self.config.variant != "trim":
+        """With a row subset (TRIM): by source, the digest each worker's replica must have after
+        this round (its rows differ per worker); otherwise replicas all carry the round digest."""
+        if self.model.row_subset is None:
             return {}
         with self._lock:
             ids = {w: self._row_ids[w] for w in per_worker if w in self._row_ids}
@@ -622,29 +633,29 @@ class ServerApp:
             "version": self.model.version,
             "digest": self.model.digest.hex(),
             "digest_covers": "shared",
-            "variant": self.config.variant,
-            "model": self.config.model,
-            "vocab_digest": self.vocab_digest,
+            **self.hooks.resume_identity,
             "records": [r.to_dict() for r in self.records],
         }
         # Steps are the next round index: strictly increasing across closes and abandons, so a
         # save never overwrites the checkpoint a crash would fall back to.
         self._store.save(next_round, self.model.checkpoint_groups(), meta)
 
-    def wait_all_left(self, timeout_s: float, stop: threading.Event | None = None) -> None:
+    def wait_all_left(self, timeout_s: float | None, stop: threading.Event | None = None) -> bool:
         """Wait until every worker that joined, and at least ``--workers`` of them, has left, or
-        ``stop`` is set (checked every 0.2 s).
+        ``stop`` is set (checked every 0.2 s), or ``timeout_s`` passed (None: no limit); True
+        when they all left.
 
         The count matters after a restart past the last round: the new process has seen no
         worker yet, and must not exit before they come back for their final pull.
         """
-        deadline = time.monotonic() + timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
             while not (self._left >= set(self._sources) and len(self._left) >= self.config.workers):
-                left_s = deadline - time.monotonic()
+                left_s = 0.2 if deadline is None else deadline - time.monotonic()
                 if left_s <= 0 or (stop is not None and stop.is_set()):
-                    return
+                    return False
                 self._left_cond.wait(min(left_s, 0.2))
+            return True
 
     def save_checkpoint(self) -> None:
         """Checkpoint the body and the open round's index now, so ``--resume`` continues here.
@@ -666,7 +677,7 @@ class ServerApp:
         line: dict[str, Any] = {
             "kind": "final",
             "round": self.config.rounds,
-            "variant": self.config.variant,
+            "variant": self.hooks.label,
             "eval": self.final_eval,
         }
         # Bytes after the last round: the final pulls workers make to evaluate the last body.
