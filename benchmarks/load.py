@@ -127,7 +127,7 @@ class SimWorker(threading.Thread):
         stub = ParameterServerStub(channel)
         reply = stub.Join(service_pb2.JoinRequest(source_id=self.name_, worker_name=self.name_), timeout=600)
         wid = reply.worker_id
-        # Every call after Join carries the session credential it issued (server/sessions.py).
+        # Every call after Join carries the session credential it issued (dept_comm/server/sessions.py).
         self.session = ((SESSION_METADATA_KEY, reply.session),)
         md = self.session
         version = -1

@@ -1,4 +1,4 @@
-"""The load benchmark's server process: the real dept-server (ServerApp, servicer, gRPC server,
+"""The load benchmark's server process: the real dept-server (dept_comm.server's ServerApp with DEPT's hooks, servicer, gRPC server,
 codecs, staging and commit path) on loopback, started on a synthetic body of a given size.
 
 Run by ``dept_bench.load`` as ``python -m dept_bench.load_server --body-mib N ...``; prints one JSON
@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from dept_comm.memory import keep_freed_memory
+from dept_comm.server.run import tune_malloc
 from dept_server.config import ServerConfig  # type: ignore[import-not-found]  # mypy checks server/ as "server"
 from dept_server.initial import describe_run  # type: ignore[import-not-found]
-from dept_server.run import start_server, tune_malloc  # type: ignore[import-not-found]
+from dept_server.serve import start_dept_server  # type: ignore[import-not-found]
 
 TENSOR_ELEMENTS = 1 << 20  # 4 MiB fp32 tensors (the 125m preset's are 2.4-9.4 MB)
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         config, body_params=numel, vocab_size=0, vocab_digest="", full_model_fp32_bytes=4 * numel
     )
     initial = (body, "", info)
-    running = start_server(config, initial)
+    running = start_dept_server(config, initial)
     del body, initial
     print(json.dumps({"port": running.port}), flush=True)
     app = running.app

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dept_comm.checkpoint import CheckpointStore
 from dept_comm.pb import service_pb2, service_pb2_grpc
-from dept_server.app import ServerApp
 from dept_server.config import ServerConfig
+from dept_server.serve import build_app
 from tests.e2e.harness import Server
 
 TOKEN = "s3cret"
@@ -70,7 +70,7 @@ def test_sigterm_drains_checkpoints_and_exits_zero(tmp_path: Path) -> None:
     assert saved.meta["round_idx"] == 0 and saved.meta["version"] == 0
     assert saved.tensors
     # --resume takes it (ServerApp checks the body's digest against the manifest's).
-    app = ServerApp(
+    app = build_app(
         ServerConfig(
             port=0, rounds=2, workers=1, variant="spec", model="tiny", checkpoint_dir=ckpt, resume=True
         )

@@ -21,9 +21,10 @@ from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.frames import StreamItem, as_message
 from dept_comm.names import EMB_IDS, group_of
 from dept_comm.pb import service_pb2
+from dept_comm.server.run import RunningServer
 from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
-from dept_server.run import RunningServer, start_server
+from dept_server.serve import start_dept_server
 from dept_worker.client import ServerClient
 
 
@@ -34,7 +35,7 @@ def serving(tmp_path: Path, **overrides: object) -> Iterator[RunningServer]:
         "port": 0, "rounds": 2, "workers": 1, "variant": "spec", "model": "tiny",
         "codec_up": "int8", "codec_down": "int8", "checkpoint_dir": tmp_path / "ckpt",
     }  # fmt: skip
-    server = start_server(ServerConfig(**(settings | overrides)))  # type: ignore[arg-type]
+    server = start_dept_server(ServerConfig(**(settings | overrides)))  # type: ignore[arg-type]
     try:
         yield server
     finally:

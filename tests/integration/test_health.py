@@ -13,9 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dept_comm.errors import NotFoundError
 from dept_comm.frames import as_message
 from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
+from dept_comm.server.run import RunningServer
 from dept_comm.service import SERVICE_NAME
 from dept_server.config import ServerConfig
-from dept_server.run import RunningServer, start_server
+from dept_server.serve import start_dept_server
 from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.integration.servers import join_and_pull, worker_upload
@@ -29,7 +30,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def start(**overrides: object) -> RunningServer:
     settings: dict[str, object] = {"port": 0, "rounds": 1, "workers": 1, "model": "tiny", "token": TOKEN}
     settings.update(overrides)
-    return start_server(ServerConfig(**settings))  # type: ignore[arg-type]
+    return start_dept_server(ServerConfig(**settings))  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -149,7 +149,7 @@ def test_a_stream_over_max_streams_is_refused_with_a_hint_and_retried(tmp_path: 
 
 
 def test_norm_guard_reference_is_the_rounds_median() -> None:
-    from dept_server.norm_guard import NormGuard
+    from dept_comm.server.norm_guard import NormGuard
 
     guard = NormGuard(4.0)
     guard.check("w", 0, 35.0, body_norm=10.0)  # no update seen yet: compared with the body (40 allowed)

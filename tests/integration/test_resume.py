@@ -17,9 +17,9 @@ from dept_comm.codecs import get_codec
 from dept_comm.frames import ChunkFrame, StreamItem, chunk_of, header_of
 from dept_comm.names import EMB_IDS, EMB_ROWS
 from dept_comm.pb import service_pb2
+from dept_comm.server.run import RunningServer
 from dept_comm.streaming import PULL_LIMITS, receive_stream
 from dept_model.tokenizer import build_tokenizers, load_tokenizer, vocab_digest
-from dept_server.run import RunningServer
 from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.faults.proxy import TcpProxy

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from dept_comm.errors import ResumeMismatchError
-from dept_server.app import ServerApp
+from dept_comm.server.app import ServerApp
 from dept_server.config import ServerConfig
+from dept_server.serve import build_app
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -20,7 +21,7 @@ def _app(tmp_path: Path, **overrides: object) -> ServerApp:
         "port": 0, "rounds": 2, "workers": 1, "variant": "spec", "model": "tiny",
         "checkpoint_dir": tmp_path / "ckpt",
     }  # fmt: skip
-    return ServerApp(ServerConfig(**(settings | overrides)))  # type: ignore[arg-type]
+    return build_app(ServerConfig(**(settings | overrides)))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

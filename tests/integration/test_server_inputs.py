@@ -13,9 +13,10 @@ from dept_comm.codecs import get_codec
 from dept_comm.codecs.zstd_bounded import compress
 from dept_comm.frames import as_message, chunk_checksum
 from dept_comm.pb import service_pb2, service_pb2_grpc
+from dept_comm.server.run import RunningServer
 from dept_comm.streaming import StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
-from dept_server.run import RunningServer, start_server
+from dept_server.serve import start_dept_server
 
 TOKEN = "s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -27,7 +28,7 @@ def running(tmp_path) -> Iterator[RunningServer]:
         port=0, rounds=2, workers=1, variant="spec", model="tiny", codec_up="int8", codec_down="int8",
         token=TOKEN, checkpoint_dir=tmp_path / "ckpt",
     )  # fmt: skip
-    server = start_server(config)
+    server = start_dept_server(config)
     yield server
     server.stop(None)
 

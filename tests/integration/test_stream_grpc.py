@@ -1,6 +1,6 @@
 """Tensor streams through a real loopback gRPC server: push, pull, metering, cuts, status mapping.
 
-Byte accounting is checked on dept-server's own servicer (server/servicer.py over ServerApp, started
+Byte accounting is checked on dept-server's own servicer (dept_comm/server/servicer.py over ServerApp, started
 on port 0); the stream library's behaviour (interop, cuts, errors, retries) on a small servicer here.
 """
 

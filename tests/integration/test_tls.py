@@ -18,10 +18,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dept_comm.channel import open_channel
 from dept_comm.pb import service_pb2, service_pb2_grpc
+from dept_comm.server.run import RunningServer
 from dept_comm.tls import channel_credentials
 from dept_server.cli import main as server_main
 from dept_server.config import ServerConfig
-from dept_server.run import RunningServer, start_server
+from dept_server.serve import start_dept_server
 from dept_worker.cli import main as worker_main
 from dept_worker.client import ServerClient
 from dept_worker.config import WorkerConfig
@@ -131,14 +132,14 @@ def _config(pki: Pki, *, mutual: bool) -> ServerConfig:
 
 @pytest.fixture
 def tls_server(pki: Pki) -> Iterator[RunningServer]:
-    server = start_server(_config(pki, mutual=False))
+    server = start_dept_server(_config(pki, mutual=False))
     yield server
     server.stop(None)
 
 
 @pytest.fixture
 def mtls_server(pki: Pki) -> Iterator[RunningServer]:
-    server = start_server(_config(pki, mutual=True))
+    server = start_dept_server(_config(pki, mutual=True))
     yield server
     server.stop(None)
 

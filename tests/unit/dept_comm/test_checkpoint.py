@@ -17,8 +17,9 @@ import torch
 
 from dept_comm.checkpoint import MANIFEST, Checkpoint, CheckpointLockedError, CheckpointStore
 from dept_comm.errors import InvalidInputError
-from dept_server.app import ServerApp
+from dept_comm.server.app import ServerApp
 from dept_server.config import ServerConfig
+from dept_server.serve import build_app
 from tests.fixtures.real_run import TEST_TIMEOUT_S, RealRun
 from tests.fixtures.server_state import Groups, server_groups, shifted
 
@@ -68,7 +69,7 @@ def test_a_saved_server_state_restores_into_a_fresh_server(tmp_path: Path) -> No
         store.save(1, server_groups(2), {})
         ckpt = store.latest()
     assert ckpt is not None
-    app = ServerApp(config)
+    app = build_app(config)
     try:
         before = app.model.digest
         app.model.restore(ckpt.tensors, version=2)
@@ -190,7 +191,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 def _resume(run: RealRun, directory: Path) -> ServerApp:
     """A ServerApp configured like the run's server, resuming from ``directory``."""
-    return ServerApp(
+    return build_app(
         ServerConfig(
             port=0, rounds=run.rounds, workers=len(run.sources), variant=run.variant, model="tiny",
             vocab=run.vocab, codec_up=run.codec, codec_down=run.codec, checkpoint_dir=directory, resume=True,

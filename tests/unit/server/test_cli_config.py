@@ -73,7 +73,7 @@ def test_tokens_and_token_exclude_each_other(tmp_path) -> None:
 
 
 def test_the_default_staging_budget_follows_the_body() -> None:
-    from dept_server.app import auto_staging_memory_mib
+    from dept_comm.server.app import auto_staging_memory_mib
 
     assert auto_staging_memory_mib(64 << 20) == 16  # a quarter of the body, at least 16 MiB
     assert auto_staging_memory_mib(340_000_000) == 81
@@ -89,7 +89,7 @@ def test_the_stream_window_is_bounded() -> None:
 def test_server_options_name_each_key_once_with_a_fixed_window() -> None:
     """The shared options pin BDP probing on; the server's must turn it off without a duplicate
     key (with both, gRPC took the probe and the 64-worker load peak went from 3.9x to 6.8x)."""
-    from dept_server.run import stream_options
+    from dept_comm.server.run import stream_options
 
     options = stream_options(ServerConfig(stream_window_kib=512))
     keys = [key for key, _ in options]

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from dept_comm.accounting import RoundMetrics
-from dept_server.metrics_http import summary_table
+from dept_comm.server.metrics_http import summary_table
 from dept_server.report import MISSING, MetricsFileError, load_records, main, render_markdown, write_report
 from tests.fixtures.real_run import TEST_TIMEOUT_S, RealRun
 

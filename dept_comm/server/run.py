@@ -1,16 +1,17 @@
-"""Build, start and drive dept-server: gRPC, health, the round ticker, metrics, graceful stop."""
+"""Build, start and drive a parameter server: gRPC, health, the round ticker, metrics, graceful stop."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2
 
 from dept_comm.channel import bind, build_server, server_options
@@ -21,7 +22,7 @@ from dept_comm.tls import server_credentials
 from .app import ServerApp
 from .auth import TokenInterceptor
 from .config import ServerConfig
-from .initial import InitialState
+from .hooks import ServerHooks
 from .metrics_http import serve_metrics, summary_table
 from .servicer import ParameterServerServicer
 
@@ -162,15 +163,22 @@ def stream_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-def start_server(config: ServerConfig, initial: InitialState | None = None) -> RunningServer:
-    """Create the app, bind the port (fails clearly if taken) and start serving.
+def start_server(
+    config: ServerConfig,
+    tensors: Mapping[str, torch.Tensor],
+    hooks: ServerHooks | None = None,
+    *,
+    copy: bool = True,
+) -> RunningServer:
+    """Create the app over ``tensors`` (see ServerApp), bind the port (fails clearly if taken)
+    and start serving.
 
     Raises:
         ValueError: unreadable TLS files.
         BindError: the port cannot be bound.
     """
     credentials = _credentials(config)
-    app = ServerApp(config, initial)
+    app = ServerApp(config, tensors, hooks, copy=copy)
     release_freed_memory()  # what building the model freed (its own copy of every tensor) goes back
     tokens = [config.token] if config.token else app.join_policy.bearer_tokens
     interceptors = [TokenInterceptor(tokens)] if tokens else []
@@ -208,7 +216,7 @@ def start_server(config: ServerConfig, initial: InitialState | None = None) -> R
         port,
         config.tls,
         config.tls_client_ca is not None,
-        config.variant,
+        app.hooks.label,
         config.rounds,
         config.workers,
         config.max_workers,
@@ -219,12 +227,14 @@ def start_server(config: ServerConfig, initial: InitialState | None = None) -> R
     return RunningServer(app, server, port, metrics_server, metrics_port, stop, health_servicer, ticker)
 
 
-def run(config: ServerConfig, stop_requested: threading.Event, *, final_eval_wait_s: float = 60.0) -> int:
-    """Serve until the last round closed (or a stop is requested); print the summary.
+def run(running: RunningServer, stop_requested: threading.Event, *, final_eval_wait_s: float = 60.0) -> int:
+    """Serve a started server until the last round closed (or a stop is requested); print the
+    listening line first and the summary last.
 
     A stop request (SIGTERM/SIGINT in the CLI) stops gracefully and checkpoints an unfinished run.
+    The caller should hold no reference to the initial tensors (the first round replaces them).
     """
-    running = start_server(config)
+    config = running.app.config
     print(
         json.dumps({"event": "listening", "port": running.port, "metrics_port": running.metrics_port}),
         flush=True,

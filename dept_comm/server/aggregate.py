@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from dept_comm.names import EMB_IDS, EMB_ROWS, EMB_WEIGHT
+from dept_comm.names import EMB_IDS, EMB_ROWS
 
 from .config import OUTER_WEIGHTINGS
 
@@ -55,9 +55,11 @@ class RoundAggregate:
     ``fold_ready`` folds queued uploads in ascending id order as far as no member with a smaller
     id is still to commit; ``take_means`` folds what is left (in order) and yields the means.
 
-    Dense tensors (body; glob's whole embedding matrix) are averaged over the workers that
-    committed; trim rows are averaged per global token over the sources that have that token,
-    and rows no committed source has get a zero delta (they stay unchanged under FedAvg). With
+    Dense tensors (every tensor but ``row_subset``) are averaged over the workers that
+    committed; the rows of ``row_subset`` (a 2-D tensor of which each worker sends only its own
+    rows, as ``emb.rows`` with their ids ``emb.ids``: DEPT TRIM's embeddings) are averaged per row
+    over the workers that have that row, and rows no committed worker has get a zero delta (they
+    stay unchanged under FedAvg). With
     ``weighting="tokens"`` each update counts in proportion to the tokens it was trained on.
     """
 
@@ -65,12 +67,20 @@ class RoundAggregate:
         self,
         shapes: Mapping[str, tuple[int, ...]],
         *,
-        trim_rows: tuple[int, int] | None,
+        row_subset: str | None = None,
         weighting: str = "uniform",
     ) -> None:
+        """``shapes``: every global tensor's shape by name; ``row_subset``: the name of the 2-D
+        tensor workers send rows of (None: none)."""
         contribution_weight(weighting, 1)  # validates the name
-        self._dense_shapes = {k: v for k, v in shapes.items() if not (trim_rows and k == EMB_WEIGHT)}
-        self._trim_rows = trim_rows
+        self._dense_shapes = {k: v for k, v in shapes.items() if k != row_subset}
+        self._row_subset = row_subset
+        self._rows_shape: tuple[int, int] | None = None
+        if row_subset is not None:
+            rows_shape = tuple(shapes[row_subset])
+            if len(rows_shape) != 2:
+                raise ValueError(f"row subset {row_subset!r} must be 2-D, got shape {rows_shape}")
+            self._rows_shape = (rows_shape[0], rows_shape[1])
         self.weighting = weighting
         self._lock = threading.Lock()
         self.reset()
@@ -183,15 +193,15 @@ class RoundAggregate:
                     acc.add_(delta.detach(), alpha=weight)
                 del delta
                 self._weights[name] = self._weights.get(name, 0.0) + weight
-            if self._trim_rows is not None:
+            if self._rows_shape is not None:
                 self._fold_rows(rows[EMB_IDS], rows[EMB_ROWS], weight)
             self.num_contributions += 1
 
     def _fold_rows(self, ids: torch.Tensor, rows: torch.Tensor, weight: float) -> None:
-        assert self._trim_rows is not None
+        assert self._rows_shape is not None
         if self._row_sums is None or self._row_weights is None:
-            self._row_sums = torch.zeros(self._trim_rows, dtype=torch.float32)
-            self._row_weights = torch.zeros(self._trim_rows[0], dtype=torch.float64)
+            self._row_sums = torch.zeros(self._rows_shape, dtype=torch.float32)
+            self._row_weights = torch.zeros(self._rows_shape[0], dtype=torch.float64)
         idx = ids.to(torch.int64)
         # ids are unique within one upload (checked by the codec's manifest), so each row is touched
         # once: the result depends on the order of contributions only, which is canonical.
@@ -202,13 +212,18 @@ class RoundAggregate:
         """The (weighted) averaged delta per shared tensor name, float32."""
         with self._lock:
             out = {name: acc / self._weights[name] for name, acc in self._sums.items()}
-            if self._trim_rows is not None:
-                out[EMB_WEIGHT] = self._row_mean()
+            if self._rows_shape is not None:
+                out[self._row_name] = self._row_mean()
             return out
 
+    @property
+    def _row_name(self) -> str:
+        assert self._row_subset is not None
+        return self._row_subset
+
     def _row_mean(self) -> torch.Tensor:
-        assert self._trim_rows is not None
-        dense = torch.zeros(self._trim_rows, dtype=torch.float32)
+        assert self._rows_shape is not None
+        dense = torch.zeros(self._rows_shape, dtype=torch.float32)
         if self._row_sums is not None and self._row_weights is not None:
             ids = torch.nonzero(self._row_weights > 0).flatten()
             if ids.numel():
@@ -229,10 +244,10 @@ class RoundAggregate:
                     weight = self._weights[name]
                 yield name, acc.div_(weight)  # in place: the same values as acc / weight
                 del acc
-            if self._trim_rows is not None:
+            if self._rows_shape is not None:
                 with self._lock:
                     dense = self._row_mean()
                     self._row_sums = self._row_weights = None
-                yield EMB_WEIGHT, dense
+                yield self._row_name, dense
         finally:
             self.reset()

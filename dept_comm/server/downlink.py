@@ -9,7 +9,8 @@ chunk checksums. A pull streams
   worker (no encode, no hash, no copy per pull);
 - a full body (first, resumed or fallback pulls): chunks sliced from the immutable fp32 tensors,
   their checksums computed once; each chunk is framed as it is sent (the one copy gRPC needs);
-- for TRIM, after the body, the worker's own embedding rows and their ids, encoded per pull.
+- with a row subset (DEPT TRIM's embeddings), after the rest, the worker's own rows of it and
+  their ids (``emb.rows``, ``emb.ids``), encoded per pull.
 
 Every stream of one kind and version has one upload id (``down-v<version>-<kind>``), so a cut
 pull can ask to go on from a chunk (``PullRequest.resume_from_seq``): the server skips the chunks
@@ -20,17 +21,17 @@ sends the whole stream otherwise.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 import xxhash
 
 from dept_comm.codecs import Codec, get_codec
-from dept_comm.digest import tensors_digest
+from dept_comm.digest import Group, tensors_digest
 from dept_comm.frames import ChunkFrame, StreamItem
 from dept_comm.manifest import build_header, chunk_checksums, tensor_payload
-from dept_comm.names import BODY_PREFIX, EMB_IDS, EMB_ROWS, EMB_WEIGHT, group_of
+from dept_comm.names import EMB_IDS, EMB_ROWS
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.streaming import StreamConfig, StreamOpenInfo
 
@@ -54,10 +55,10 @@ class EncodedTensor:
 
 
 def _encode(
-    name: str, x: torch.Tensor, codec: Codec, payload: bytes | memoryview, step: int
+    name: str, x: torch.Tensor, codec: Codec, payload: bytes | memoryview, step: int, group: Group
 ) -> tuple[pb.TensorHeader, list[int]]:
     checksums = chunk_checksums(payload, step)
-    return build_header(name, x, codec, payload, group_of(name), checksums), checksums
+    return build_header(name, x, codec, payload, group, checksums), checksums
 
 
 def _frames(
@@ -88,7 +89,8 @@ class Downlink:
     def __init__(
         self,
         *,
-        variant: str,
+        row_subset: str | None,
+        group_of: Callable[[str], Group],
         version: int,
         shared: Mapping[str, torch.Tensor],
         digest: bytes,
@@ -98,17 +100,20 @@ class Downlink:
         config: StreamConfig,
     ) -> None:
         """Args:
+        row_subset: the tensor workers hold only rows of (sent per pull), or None.
+        group_of: each tensor's accounting group (its headers carry it).
         shared: the version's tensors; they must never change afterwards.
         delta: the encoded outer update (``codec_down``) by name, or None (no previous version).
         """
-        self.variant = variant
+        self.row_subset = row_subset
+        self.group_of = group_of
         self.version = version
         self.shared = dict(shared)
         self.digest = digest
         self.prev_digest = prev_digest
         self._step = config.chunk_bytes
         self._fp32, self._raw = get_codec("fp32"), get_codec("raw")
-        body_names = [k for k in self.shared if not (variant == "trim" and k == EMB_WEIGHT)]
+        body_names = [k for k in self.shared if k != row_subset]
         self._full = tuple(self._encode_full(k) for k in body_names)
         self._delta: tuple[EncodedTensor, ...] | None = None
         if delta is not None:
@@ -123,7 +128,7 @@ class Downlink:
     def _encode_full(self, name: str) -> EncodedTensor:
         x = self.shared[name]
         payload = tensor_payload(name, x, self._fp32, None)  # a view of the immutable tensor
-        header, checksums = _encode(name, x, self._fp32, payload, self._step)
+        header, checksums = _encode(name, x, self._fp32, payload, self._step, self.group_of(name))
         return EncodedTensor(name, header, tuple(checksums), payload=memoryview(payload).cast("B"))
 
     def _encode_delta(self, encoded: Mapping[str, bytes], codec: Codec) -> tuple[EncodedTensor, ...]:
@@ -131,7 +136,7 @@ class Downlink:
         out: list[EncodedTensor] = []
         seq = 0
         for idx, (name, data) in enumerate(encoded.items()):
-            header, checksums = _encode(name, self.shared[name], codec, data, self._step)
+            header, checksums = _encode(name, self.shared[name], codec, data, self._step, self.group_of(name))
             t = EncodedTensor(name, header, tuple(checksums))
             frames = tuple(_frames(upload_id, seq, idx, t, memoryview(data), self._step))
             out.append(replace(t, frames=frames))  # the frames hold the payload; ``data`` goes
@@ -149,19 +154,20 @@ class Downlink:
 
     # -- per worker --------------------------------------------------------------------------
     def replica_tensors(self, row_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """A worker's replica of this version (TRIM: the body and its own rows with their ids)."""
-        if self.variant != "trim":
+        """A worker's replica of this version (with a row subset: every other tensor, and its own
+        rows with their ids)."""
+        if self.row_subset is None:
             return self.shared
-        out = {k: v for k, v in self.shared.items() if k != EMB_WEIGHT}
+        out = {k: v for k, v in self.shared.items() if k != self.row_subset}
         if row_ids is not None:
-            out[EMB_ROWS] = self.shared[EMB_WEIGHT].index_select(0, row_ids)
+            out[EMB_ROWS] = self.shared[self.row_subset].index_select(0, row_ids)
             out[EMB_IDS] = row_ids
         return out
 
     def replica_digest(self, row_ids: torch.Tensor | None) -> bytes:
-        """The digest a worker's replica has at this version: the round digest, except for TRIM,
-        where it covers the worker's rows (cached per vocabulary)."""
-        if self.variant != "trim":
+        """The digest a worker's replica has at this version: the round digest, except with a row
+        subset, where it covers the worker's rows (cached per set of rows)."""
+        if self.row_subset is None:
             return self.digest
         key = tensors_digest({EMB_IDS: row_ids}) if row_ids is not None else b""
         with self._digests_lock:
@@ -173,7 +179,8 @@ class Downlink:
         return cached
 
     def body_digest(self) -> bytes:
-        return tensors_digest({k: v for k, v in self.shared.items() if k.startswith(BODY_PREFIX)})
+        """xxh3-128 of the body group's tensors alone."""
+        return tensors_digest({k: v for k, v in self.shared.items() if self.group_of(k) == Group.BODY})
 
     # -- streams -----------------------------------------------------------------------------
     def wants_delta(self, *, have_version: int, full: bool) -> bool:
@@ -207,14 +214,14 @@ class Downlink:
         assert base is not None, "no delta at this version"
         tensors: list[EncodedTensor] = list(base)
         extra: dict[str, memoryview] = {}
-        if self.variant == "trim" and row_ids is not None:
-            # Trim rows travel as current values (lossless), so a worker's rows equal the server's.
+        if self.row_subset is not None and row_ids is not None:
+            # Rows travel as current values (lossless), so a worker's rows equal the server's.
             for name, x, codec in (
-                (EMB_ROWS, self.shared[EMB_WEIGHT].index_select(0, row_ids), self._fp32),
+                (EMB_ROWS, self.shared[self.row_subset].index_select(0, row_ids), self._fp32),
                 (EMB_IDS, row_ids.contiguous(), self._raw),
             ):
                 payload = memoryview(tensor_payload(name, x, codec, None)).cast("B")
-                header, checksums = _encode(name, x, codec, payload, self._step)
+                header, checksums = _encode(name, x, codec, payload, self._step, self.group_of(name))
                 tensors.append(EncodedTensor(name, header, tuple(checksums), payload=payload))
                 extra[name] = payload
         info = replace(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dept_comm.names import EMB_IDS, EMB_ROWS, EMB_WEIGHT
-from dept_server.aggregate import RoundAggregate, contribution_weight
+from dept_comm.server.aggregate import RoundAggregate, contribution_weight
 
 SHAPES = {"body.w": (300, 200), "body.b": (200,)}
 
@@ -45,7 +45,7 @@ KEYS = ["w-0a", "w-3f", "w-77", "w-c2"]  # worker ids, in the canonical (sorted)
 
 def _round(updates: list[dict[str, torch.Tensor]], order: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Commits arrive in ``order``; each is submitted and whatever is ready is folded, as the server does."""
-    agg = RoundAggregate(SHAPES, trim_rows=None)
+    agg = RoundAggregate(SHAPES)
     for i in order:
         agg.submit(KEYS[i], Staged(updates[i]), num_tokens=100)
         agg.fold_ready(KEYS)
@@ -78,7 +78,7 @@ def test_the_mean_does_not_depend_on_the_order_of_commits() -> None:
 def test_a_commit_waits_encoded_while_a_member_before_it_has_not_committed() -> None:
     updates = _updates(3)
     staged = [Staged(u) for u in updates]
-    agg = RoundAggregate(SHAPES, trim_rows=None)
+    agg = RoundAggregate(SHAPES)
     members = KEYS[:3]
     agg.submit(KEYS[2], staged[2], num_tokens=1)
     assert agg.fold_ready(members) == 0 and staged[2].decoded == 0 and agg.queued == 1
@@ -93,7 +93,7 @@ def test_a_commit_waits_encoded_while_a_member_before_it_has_not_committed() -> 
 
 def test_the_close_folds_what_waits_for_a_member_that_never_committed() -> None:
     updates = _updates(3)
-    agg = RoundAggregate(SHAPES, trim_rows=None)
+    agg = RoundAggregate(SHAPES)
     for i in (2, 1):  # KEYS[0] is a member that died before committing
         agg.submit(KEYS[i], Staged(updates[i]), num_tokens=1)
         assert agg.fold_ready(KEYS[:3]) == 0
@@ -103,7 +103,7 @@ def test_the_close_folds_what_waits_for_a_member_that_never_committed() -> None:
 
 
 def test_reset_discards_the_uploads_still_waiting() -> None:
-    agg = RoundAggregate(SHAPES, trim_rows=None)
+    agg = RoundAggregate(SHAPES)
     waiting = Staged(_updates(1)[0])
     agg.submit(KEYS[1], waiting, num_tokens=1)
     agg.fold_ready(KEYS)
@@ -113,19 +113,19 @@ def test_reset_discards_the_uploads_still_waiting() -> None:
 
 def test_token_weighting_gives_the_weighted_mean() -> None:
     updates = _updates(2)
-    agg = RoundAggregate(SHAPES, trim_rows=None, weighting="tokens")
+    agg = RoundAggregate(SHAPES, weighting="tokens")
     agg.fold(updates[0], num_tokens=1000)
     agg.fold(updates[1], num_tokens=3000)
     want = (updates[0]["body.w"] * 1000).add_(updates[1]["body.w"], alpha=3000) / 4000
     assert torch.equal(agg.mean()["body.w"], want)
-    uniform = RoundAggregate(SHAPES, trim_rows=None)
+    uniform = RoundAggregate(SHAPES)
     for u in updates:
         uniform.fold(u, num_tokens=1000)
     assert not torch.equal(uniform.mean()["body.w"], want)
 
 
 def test_trim_rows_are_averaged_over_the_sources_that_have_them_with_token_weights() -> None:
-    agg = RoundAggregate({"body.b": (2,), EMB_WEIGHT: (6, 3)}, trim_rows=(6, 3), weighting="tokens")
+    agg = RoundAggregate({"body.b": (2,), EMB_WEIGHT: (6, 3)}, row_subset=EMB_WEIGHT, weighting="tokens")
     a = {"body.b": torch.zeros(2), EMB_IDS: torch.tensor([0, 2]), EMB_ROWS: torch.ones(2, 3)}
     b = {"body.b": torch.zeros(2), EMB_IDS: torch.tensor([2, 5]), EMB_ROWS: torch.full((2, 3), 5.0)}
     agg.fold(a, num_tokens=1)
@@ -143,4 +143,4 @@ def test_weights_and_their_errors() -> None:
     with pytest.raises(ValueError, match="num_tokens"):
         contribution_weight("tokens", 0)
     with pytest.raises(ValueError, match="uniform"):
-        RoundAggregate(SHAPES, trim_rows=None, weighting="median")
+        RoundAggregate(SHAPES, weighting="median")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -11,17 +11,23 @@ from dept_comm.codecs import get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.digest import Group, TensorSpec, tensors_digest
 from dept_comm.errors import ManifestMismatchError
-from dept_comm.names import BODY_PREFIX, EMB_IDS, EMB_ROWS, EMB_WEIGHT, group_of
+from dept_comm.names import EMB_IDS, EMB_ROWS
 from dept_comm.outer import OuterOptimizer
 from dept_comm.streaming import StreamConfig
 
 from .downlink import Downlink
+from .hooks import default_group_of
 
 logger = logging.getLogger(__name__)
 
 
 class GlobalModel:
-    """Shared body (and, for glob/trim, the global embedding matrix) held by the server.
+    """The global tensors held by the server (DEPT: the shared body and, for glob/trim, the global
+    embedding matrix; any named tensors otherwise).
+
+    ``row_subset`` names a 2-D tensor of which each worker holds (and sends) only its own rows
+    (DEPT TRIM's ``emb.weight``); ``group_of`` gives each tensor's accounting group, and the
+    ``Group.BODY`` tensors are "the body" of ``body_numel`` and ``body_digest``.
 
     Down-link without drift: the outer update is encoded once with the down codec (with error
     feedback), the *decoded* update is added to the server's copy, and the same bytes go to every
@@ -31,16 +37,20 @@ class GlobalModel:
     def __init__(
         self,
         *,
-        variant: str,
         shared: dict[str, torch.Tensor],
         outer: OuterOptimizer,
         codec_down: str,
         version: int = 0,
         copy: bool = True,
+        row_subset: str | None = None,
+        group_of: Callable[[str], Group] | None = None,
     ) -> None:
         """``copy=False``: take the caller's fp32 contiguous tensors as they are (the caller keeps
         no reference and never writes them), instead of one copy of the body more at start."""
-        self.variant = variant
+        if row_subset is not None and (row_subset not in shared or shared[row_subset].dim() != 2):
+            raise ValueError(f"row subset {row_subset!r} must name a 2-D tensor of the model")
+        self.row_subset = row_subset
+        self._group_of = group_of if group_of is not None else default_group_of(row_subset)
         self.shared = {
             k: (
                 v.detach().to(torch.float32).contiguous().clone()
@@ -61,7 +71,8 @@ class GlobalModel:
 
     def _build_downlink(self, *, prev_digest: bytes, delta: Mapping[str, bytes] | None) -> Downlink:
         return Downlink(
-            variant=self.variant,
+            row_subset=self.row_subset,
+            group_of=self._group_of,
             version=self.version,
             shared=self.shared,
             digest=self.digest,
@@ -72,37 +83,39 @@ class GlobalModel:
         )
 
     def body_digest(self) -> bytes:
-        """xxh3-128 of the body tensors alone (reported beside the round digest)."""
-        return tensors_digest({k: v for k, v in self.shared.items() if k.startswith(BODY_PREFIX)})
+        """xxh3-128 of the body group's tensors alone (reported beside the round digest)."""
+        return tensors_digest({k: v for k, v in self.shared.items() if self.group_of(k) == Group.BODY})
 
     def shared_digest(self) -> bytes:
-        """The round digest: xxh3-128 of every shared tensor (the body, and GLOB/TRIM's global
-        embedding matrix), as the server holds them after each round."""
+        """The round digest: xxh3-128 of every global tensor (DEPT: the body, and GLOB/TRIM's
+        global embedding matrix), as the server holds them after each round."""
         return tensors_digest(self.shared)
 
     def replica_tensors(self, row_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """What one worker's replica holds of the shared state, exactly as the server holds it.
 
-        GLOB and SPEC replicas hold every shared tensor; a TRIM replica holds the body and the
-        rows of its own vocabulary (``emb.rows`` with their global ids ``emb.ids``).
+        Replicas hold every global tensor, except with a row subset (DEPT TRIM): then every
+        other tensor and the worker's own rows (``emb.rows`` with their global ids ``emb.ids``).
         """
         return self.downlink.replica_tensors(row_ids)
 
     def replica_digest(self, row_ids: torch.Tensor | None) -> bytes:
         """The digest a worker's replica must have at the current version (see replica_tensors).
 
-        Equal to the round digest except for TRIM, where it covers the worker's own rows; those
-        are cached per version and vocabulary, so each pull and push hashes the body once at most.
+        Equal to the round digest except with a row subset, where it covers the worker's own
+        rows; those are cached per version and set of rows, so each pull and push hashes the body once at most.
         """
         return self.downlink.replica_digest(row_ids)
 
     # -- what crosses the wire -------------------------------------------------------------
     def group_of(self, name: str) -> Group:
-        return group_of(name)
+        """The accounting group of a tensor name."""
+        return self._group_of(name)
 
     @property
     def body_numel(self) -> int:
-        return sum(t.numel() for k, t in self.shared.items() if k.startswith(BODY_PREFIX))
+        """Elements of the body group's tensors."""
+        return sum(t.numel() for k, t in self.shared.items() if self.group_of(k) == Group.BODY)
 
     def upload_manifest(self, row_ids: torch.Tensor | None) -> dict[str, TensorSpec]:
         """The tensors a worker's update must contain, with shapes and dtypes."""
@@ -110,19 +123,21 @@ class GlobalModel:
             name: TensorSpec(name, tuple(t.shape), torch.float32, self.group_of(name))
             for name, t in self.shared.items()
         }
-        if self.variant == "trim":
+        if self.row_subset is not None:
             if row_ids is None:
                 raise ManifestMismatchError("trim worker has not declared its vocabulary rows (pull first)")
-            del manifest[EMB_WEIGHT]
-            dim = self.shared[EMB_WEIGHT].shape[1]
+            del manifest[self.row_subset]
+            dim = self.shared[self.row_subset].shape[1]
             n = int(row_ids.numel())
             manifest[EMB_ROWS] = TensorSpec(EMB_ROWS, (n, dim), torch.float32, Group.EMBEDDINGS)
             manifest[EMB_IDS] = TensorSpec(EMB_IDS, (n,), torch.int64, Group.EMBEDDINGS)
         return manifest
 
     def check_row_ids(self, row_ids: torch.Tensor) -> torch.Tensor:
-        """Validate a trim worker's declared global ids: 1-D, in range, sorted and unique."""
-        vocab = self.shared[EMB_WEIGHT].shape[0]
+        """Validate a worker's declared row ids of the row subset (TRIM: its vocabulary's global
+        ids): 1-D, in range, sorted and unique."""
+        assert self.row_subset is not None
+        vocab = self.shared[self.row_subset].shape[0]
         ids = row_ids.to(torch.int64).flatten()
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ManifestMismatchError(f"embedding row ids must be non-empty and in [0, {vocab})")
@@ -137,8 +152,8 @@ class GlobalModel:
         """Run the outer optimizer on the averaged deltas, encode, apply the decoded update.
 
         ``mean_delta`` holds the averaged worker deltas by shared tensor name (a mapping, or
-        pairs produced one at a time, e.g. ``RoundAggregate.take_means()``); for trim,
-        ``emb.weight`` is a dense delta that is zero on rows no chosen source had.
+        pairs produced one at a time, e.g. ``RoundAggregate.take_means()``); a row subset's
+        delta is dense, zero on rows no contributing worker had.
 
         Tensor by tensor: the outer step, the encode with error feedback, and a *new* tensor
         ``old + decoded`` (the old one may still be streaming to a pull; it goes when nothing
