@@ -20,11 +20,11 @@ from dept_comm.codecs import Codec, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.frames import StreamItem, as_message
 from dept_comm.names import EMB_IDS, group_of
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
 from dept_server.run import RunningServer, start_server
-from dept_worker.client import ServerClient
 
 
 @contextmanager
