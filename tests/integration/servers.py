@@ -1,6 +1,6 @@
 """A real dept-server in this process, and a worker's first steps against it, for integration tests.
 
-Uploads are encoded as dept-worker encodes them (worker/loop.py ``_encode_update``): every float
+Uploads are encoded as dept-worker encodes them (dept_comm/participant/session.py ``encode_update``): every float
 tensor with the server's ``codec_up`` through one :class:`ErrorFeedback` per worker, ``emb.ids``
 raw. :func:`worker_upload` also returns what the server will decode, so tests can check the
 server's result against it (a server that fell back to another codec would not match).
