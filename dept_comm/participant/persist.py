@@ -115,5 +115,5 @@ class WorkerState:
         out: dict[str, Any] = dict(progress)
         out["trainer_path"] = self.dir / f"trainer-{tag}.safetensors"
         out["feedback"] = load_file(str(self.dir / f"feedback-{tag}.safetensors"))
-        logger.info("restored state round=%d from %s", progress["round_idx"], self.dir)
+        logger.info("restored worker state round=%d from %s", progress["round_idx"], self.dir)
         return out
