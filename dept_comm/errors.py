@@ -126,3 +126,14 @@ class NotFoundError(DeptError):
     """An unknown worker or upload id."""
 
     status = "NOT_FOUND"
+
+
+class ServerUnreachableError(DeptError):
+    """No connection to the parameter server at ``address`` within ``waited_s`` seconds."""
+
+    status = "UNAVAILABLE"
+
+    def __init__(self, address: str, waited_s: float = 0.0) -> None:
+        super().__init__(f"no parameter server answered at {address} within {waited_s:.1f} s")
+        self.address = address
+        self.waited_s = waited_s

@@ -20,9 +20,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -207,3 +208,22 @@ class Node:
             self._beats.join(timeout=10)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def single_process_position(data: Mapping[str, Any], where: Path) -> dict[str, int]:
+    """The data position a single-process worker continues from: its own, or a 1-rank DDP node's
+    (whose one shard is the whole stream); a node of more ranks, or an FSDP one, needs torchrun.
+
+    Raises:
+        ValueError: the state belongs to a node this process cannot continue.
+    """
+    ranks = data.get("ranks")
+    if ranks is None:
+        return dict(data)
+    mode = data.get("parallel", "ddp")
+    if len(ranks) == 1 and mode == "ddp":
+        return dict(ranks[0])
+    raise ValueError(
+        f"{where} holds the state of a {len(ranks)}-rank {mode} node: run it under torchrun with "
+        f"--nproc-per-node {len(ranks)} --parallel {mode}"
+    )

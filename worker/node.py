@@ -1,7 +1,7 @@
 """One DEPT worker across a node's N ranks (torchrun): rank 0 runs the round loop, the others follow.
 
 Rank 0 alone talks to dept-server (join, pull, push, commit, heartbeat, leave) through the
-ordinary :class:`~dept_worker.loop.Worker`; at each step that involves the whole node it sends
+ordinary :class:`~dept_worker.loop.Worker` (on :class:`dept_comm.participant.Session`); at each step that involves the whole node it sends
 the other ranks a command (``worker.dist``) and they act in lockstep:
 
 - ``setup``: the run's configuration from the join reply and the state dir; every rank builds the
@@ -33,16 +33,16 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from dept_comm.participant.client import ServerClient
+from dept_comm.participant.persist import WorkerState
 from dept_comm.pb import service_pb2
 from dept_model.data import TokenBatches
 from dept_model.tokenizer import vocab_digest
 
-from .client import ServerClient
 from .config import WorkerConfig
 from .device import resolve_device
 from .dist import Node, NodeEnv, NodeError, torchrun_argv
 from .loop import Worker, connect
-from .persist import WorkerState
 from .replicas import Replicas, make_replicas, parallel_mode
 from .setup import WorkerSetup, build_setup, resolve_tokenizer
 

@@ -37,7 +37,7 @@ import torch
 from dept_comm.names import BODY_PREFIX
 from dept_model import Variant
 
-from .replica import Replica
+from .view import DeptReplica
 
 if TYPE_CHECKING:
     from .loop import Worker
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 OVERLAP_VARIANTS = (Variant.SPEC, Variant.SPEC_OPT)
 
 
-class OverlapReplica(Replica):
+class OverlapReplica(DeptReplica):
     """A replica that can hold pulls back from the model (while it trains) and measure the update
     from the state training started at instead of from itself."""
 
@@ -56,18 +56,17 @@ class OverlapReplica(Replica):
         self.hold = False  # pulls update the replica only; the model is training
         self.base: dict[str, torch.Tensor] | None = None  # where this round's training started
 
-    def _load_into_model(self) -> None:
+    def load_into_model(self) -> None:
         if not self.hold:
-            super()._load_into_model()
+            super().load_into_model()
 
     def delta(self) -> dict[str, torch.Tensor]:
         if self.base is None:
             return super().delta()
-        out: dict[str, torch.Tensor] = {}
-        for name, value in self.model.body_state().items():
-            key = BODY_PREFIX + name
-            out[key] = value.detach().to(self.device, torch.float32) - self.base[key]
-        return out
+        return {
+            key: value.detach().to(self.device, torch.float32) - self.base[key]
+            for key, value in self.dept.body().items()
+        }
 
 
 class _Background:
@@ -158,7 +157,7 @@ class Overlap:
         the replica it was measured against, in the background."""
         start = {k: v.clone() for k, v in self.replica.tensors.items() if k.startswith(BODY_PREFIX)}
         self.replica.base = None
-        self.replica._load_into_model()  # the model back to v_r (its embeddings stay its own)
+        self.replica.load_into_model()  # the model back to v_r (its embeddings stay its own)
         self.replica.base = start
         self.replica.hold = True
         self._started_at = time.monotonic()

@@ -22,11 +22,11 @@ from types import FrameType
 import grpc
 
 from dept_comm.channel import SESSION_METADATA_KEY, channel_options, open_channel
+from dept_comm.participant.client import current_session
 from dept_comm.pb import service_pb2
 from dept_comm.rounds import worker_id_for
 from dept_comm.service import ParameterServerStub
 
-from .client import current_session
 from .config import WorkerConfig
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A real dept-server in this process, and a worker's first steps against it, for integration tests.
 
-Uploads are encoded as dept-worker encodes them (worker/loop.py ``_encode_update``): every float
+Uploads are encoded as dept-worker encodes them (dept_comm/participant/session.py ``encode_update``): every float
 tensor with the server's ``codec_up`` through one :class:`ErrorFeedback` per worker, ``emb.ids``
 raw. :func:`worker_upload` also returns what the server will decode, so tests can check the
 server's result against it (a server that fell back to another codec would not match).
@@ -20,12 +20,12 @@ from dept_comm.codecs import Codec, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.frames import StreamItem, as_message
 from dept_comm.names import EMB_IDS, group_of
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.server.run import RunningServer
 from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
 from dept_server.serve import start_dept_server
-from dept_worker.client import ServerClient
 
 
 @contextmanager

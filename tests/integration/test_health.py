@@ -12,12 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dept_comm.errors import NotFoundError
 from dept_comm.frames import as_message
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2, service_pb2_grpc, tensor_pb2
 from dept_comm.server.run import RunningServer
 from dept_comm.service import SERVICE_NAME
 from dept_server.config import ServerConfig
 from dept_server.serve import start_dept_server
-from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.integration.servers import join_and_pull, worker_upload
 

@@ -13,10 +13,10 @@ import pytest
 
 from dept_comm.errors import PermissionDeniedError
 from dept_comm.frames import as_message
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.server.run import RunningServer
 from dept_comm.server.sessions import read_tokens
-from dept_worker.client import ServerClient
 from tests.integration.servers import Joined, join_and_pull, serving, worker_upload
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from dept_comm.participant.client import ServerClient
+from dept_comm.participant.persist import WorkerState
 from dept_model.tokenizer import build_tokenizers, vocab_digest
-from dept_worker.client import ServerClient
 from dept_worker.config import WorkerConfig
 from dept_worker.loop import Worker
-from dept_worker.persist import WorkerState
 from dept_worker.setup import build_setup, resolve_tokenizer
 from tests.integration.servers import serving
 

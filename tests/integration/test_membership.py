@@ -13,9 +13,9 @@ import pytest
 
 from dept_comm.errors import MembershipFullError, OutlierUpdateError
 from dept_comm.frames import as_message
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
-from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.integration.servers import Joined, join_and_pull, random_delta, serving, worker_upload
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dept_comm.codecs import get_codec
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, receive_stream
-from dept_worker.client import ServerClient
 from tests.integration.servers import Upload, join_and_pull, serving, worker_upload
 
 TOKENS = {"sw": 1_024, "en": 3_072}  # what each worker says it trained on

@@ -18,10 +18,10 @@ import torch
 from dept_comm.codecs import get_codec
 from dept_comm.errors import ManifestMismatchError
 from dept_comm.frames import as_message
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.server import ParameterServer, ServerConfig, ServerHooks
 from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
-from dept_worker.client import ServerClient
 
 ROUNDS = 2
 

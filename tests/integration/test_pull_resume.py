@@ -10,11 +10,11 @@ import pytest
 from dept_comm.channel import SESSION_METADATA_KEY, open_channel
 from dept_comm.digest import tensors_digest
 from dept_comm.frames import WireItem, as_message, chunk_of, kind_of
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
 from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import PULL_LIMITS, receive_stream
-from dept_worker.client import ServerClient
 from tests.integration.servers import join_and_pull, random_delta, serving
 
 

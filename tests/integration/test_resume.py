@@ -16,11 +16,11 @@ import torch
 from dept_comm.codecs import get_codec
 from dept_comm.frames import ChunkFrame, StreamItem, chunk_of, header_of
 from dept_comm.names import EMB_IDS, EMB_ROWS
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.server.run import RunningServer
 from dept_comm.streaming import PULL_LIMITS, receive_stream
 from dept_model.tokenizer import build_tokenizers, load_tokenizer, vocab_digest
-from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.faults.proxy import TcpProxy
 from tests.integration.servers import join_and_pull, random_delta, serving, worker_upload
@@ -66,7 +66,7 @@ def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, ca
             cut = CutOnce(upload, proxy, at=len(upload) // 2, staged=lambda: running.app.staged_upload_bytes)
 
             up_before = proxy.counts.up
-            with caplog.at_level(logging.INFO, logger="dept_worker.client"):
+            with caplog.at_level(logging.INFO, logger="dept_comm.participant.client"):
                 receipt = client.push(cut)
             sent = proxy.counts.up - up_before
 

@@ -9,11 +9,11 @@ import weakref
 import pytest
 import torch
 
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.server.aggregate import RoundAggregate
 from dept_comm.staging import STAGING_SUFFIX
 from dept_comm.streaming import StreamReceiver
-from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.integration.servers import join_and_pull, random_delta, serving
 

@@ -38,6 +38,7 @@ from dept_comm.errors import (
     StaleRoundError,
 )
 from dept_comm.frames import ChunkFrame, as_message
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.service import ParameterServerStub, add_parameter_server
@@ -49,7 +50,6 @@ from dept_comm.streaming import (
     encode_stream,
     receive_stream,
 )
-from dept_worker.client import ServerClient
 from tests.integration.servers import Joined, serving, worker_upload
 
 TIMEOUT_S = 30

@@ -23,11 +23,11 @@ import torch
 from dept_comm.channel import bind, build_server
 from dept_comm.codecs import get_codec
 from dept_comm.frames import ChunkFrame, StreamItem
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.service import add_parameter_server
 from dept_comm.stall import StalledStreamError, StallGuard
 from dept_comm.streaming import StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
-from dept_worker.client import ServerClient
 
 IDLE_S = 60.0  # a healthy stream never pauses this long, however loaded the machine
 SPEEDUP = 1000.0  # while a peer holds a stream, the guard's minute passes in 60 ms
@@ -82,7 +82,7 @@ class Guard(StallGuard):
 def clock(monkeypatch: pytest.MonkeyPatch) -> HoldClock:
     """The clock of every StallGuard the client makes."""
     clock = HoldClock()
-    monkeypatch.setattr("dept_worker.client.StallGuard", functools.partial(Guard, clock=clock))
+    monkeypatch.setattr("dept_comm.participant.client.StallGuard", functools.partial(Guard, clock=clock))
     return clock
 
 

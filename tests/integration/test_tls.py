@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dept_comm.channel import open_channel
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2, service_pb2_grpc
 from dept_comm.server.run import RunningServer
 from dept_comm.tls import channel_credentials
@@ -24,7 +25,6 @@ from dept_server.cli import main as server_main
 from dept_server.config import ServerConfig
 from dept_server.serve import start_dept_server
 from dept_worker.cli import main as worker_main
-from dept_worker.client import ServerClient
 from dept_worker.config import WorkerConfig
 
 TOKEN = "s3cret"

@@ -14,8 +14,8 @@ import pytest
 
 from dept_comm.channel import open_channel
 from dept_comm.frames import StreamItem
+from dept_comm.participant.client import ServerClient
 from dept_comm.service import ParameterServerStub
-from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.integration.servers import join_and_pull, serving, worker_upload
 

@@ -8,9 +8,9 @@ import pytest
 
 from dept_comm.errors import ConflictError, NotFoundError
 from dept_comm.frames import StreamItem, as_message, chunk_of
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.server.run import RunningServer
-from dept_worker.client import ServerClient
 from tests.e2e.harness import wait_for
 from tests.integration.servers import join_and_pull, random_delta, serving
 

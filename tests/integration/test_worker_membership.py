@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from dept_comm.participant.client import ServerClient
+from dept_comm.participant.persist import WorkerState
 from dept_comm.pb import service_pb2
 from dept_model.tokenizer import build_tokenizers, vocab_digest
-from dept_worker.client import ServerClient
 from dept_worker.config import WorkerConfig
 from dept_worker.loop import Worker
-from dept_worker.persist import WorkerState
 from dept_worker.setup import build_setup, resolve_tokenizer
 from tests.e2e.harness import wait_for
 from tests.integration.servers import join_and_pull, serving, worker_upload

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dept_comm.checkpoint import CheckpointStore
-from dept_worker.persist import WorkerState
+from dept_comm.participant.persist import WorkerState
 from tests.fixtures.real_run import TEST_TIMEOUT_S, RealRun
 
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT_S)  # the session's real run may be set up here

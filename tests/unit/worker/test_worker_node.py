@@ -13,9 +13,8 @@ from click.testing import CliRunner
 from dept_model.data import TokenBatches
 from dept_worker.cli import main as worker_main
 from dept_worker.device import check_device, resolve_device
-from dept_worker.dist import torchrun_argv
+from dept_worker.dist import single_process_position, torchrun_argv
 from dept_worker.node import rank_positions, shard_batches
-from dept_worker.persist import single_process_position
 
 
 @pytest.mark.parametrize("spec", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])

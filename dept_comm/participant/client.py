@@ -1,4 +1,4 @@
-"""ServerClient: every call to dept-server, each with a deadline (streams: per message), retries where safe."""
+"""ServerClient: every call to the parameter server (dept-server), each with a deadline (streams: per message), retries where safe."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dept_comm.channel import (
     open_channel,
     retry_after_hint,
 )
-from dept_comm.errors import DeptError
+from dept_comm.errors import DeptError, ServerUnreachableError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.pb import service_pb2
 from dept_comm.progress import DEFAULT_INTERVAL_S, TransferProgress, size_of
@@ -89,6 +89,18 @@ class ServerClient:
 
     def close(self) -> None:
         self._channel.close()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the channel is connected.
+
+        Raises:
+            ServerUnreachableError: no connection to the server within ``timeout_s``.
+        """
+        t0 = time.monotonic()
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ServerUnreachableError(self.target, time.monotonic() - t0) from None
 
     def _call(self, fn: Callable[[], T], *, retry: bool = True) -> T:
         """Run one call; UNAVAILABLE/DEADLINE_EXCEEDED are retried with backoff, others mapped."""

@@ -1,4 +1,8 @@
-"""What a worker keeps in --state-dir so a killed worker restarted with the same flags continues."""
+"""What a participant keeps in its state dir so that, killed and restarted, it continues.
+
+Everything is safetensors and JSON (no pickle), each file written atomically (temp file, fsync,
+rename); ``progress.json`` goes last and names the round the rest belongs to.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 class TrainerFile(Protocol):
-    """What writes the trainer file: a ``dept_model.Trainer``, or a node's replicas (worker.replicas)."""
+    """What writes the trainer file: a module's state (``ModuleFile``), a ``dept_model.Trainer``, or a
+    DEPT node's replicas."""
 
     def save(self, path: str | os.PathLike[str], *, include_model: bool = True) -> None: ...
 
@@ -39,8 +44,27 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
+class ModuleFile:
+    """The trainer file of a plain ``nn.Module``: its whole ``state_dict`` (shared and local
+    tensors, buffers included) as one safetensors file."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def save(self, path: str | os.PathLike[str], *, include_model: bool = True) -> None:
+        """Write the module's state atomically (``include_model`` is accepted for the protocol)."""
+        del include_model
+        save_tensors(Path(path), {k: v.detach().clone() for k, v in self.module.state_dict().items()})
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Copy a saved state into the module in place (its parameters keep their identity)."""
+        device = next((t.device for t in self.module.state_dict().values()), torch.device("cpu"))
+        self.module.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+
+
 class WorkerState:
-    """Files under the state dir: model with private embeddings, inner optimizer, residuals, progress.
+    """Files under the state dir: the trainer file (model incl. local tensors, perhaps the inner
+    optimizer), error-feedback residuals, and progress (round, data position, participant state).
 
     ``progress.json`` is written last and names the round the rest belongs to, so a kill
     between files leaves the previous consistent set recognisable.
@@ -59,12 +83,16 @@ class WorkerState:
         trainer: TrainerFile,
         feedback: dict[str, torch.Tensor],
         data: Mapping[str, Any],
+        participant: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write the trainer (model incl. private embeddings, AdamW state), residuals and progress."""
+        """Write the trainer file, the residuals and then the progress naming them (with the data
+        position ``data`` and, if given, the participant's JSON state)."""
         tag = f"{round_idx:06d}"
         trainer.save(self.dir / f"trainer-{tag}.safetensors", include_model=True)
         save_tensors(self.dir / f"feedback-{tag}.safetensors", feedback)
-        progress = {"round_idx": round_idx, "tag": tag, "data": dict(data)}
+        progress: dict[str, Any] = {"round_idx": round_idx, "tag": tag, "data": dict(data)}
+        if participant is not None:
+            progress["participant"] = dict(participant)
         _atomic_write_bytes(self.dir / "progress.json", json.dumps(progress).encode())
         for old in self.dir.glob("*-*.safetensors"):
             if not old.stem.endswith(tag):
@@ -89,22 +117,3 @@ class WorkerState:
         out["feedback"] = load_file(str(self.dir / f"feedback-{tag}.safetensors"))
         logger.info("restored worker state round=%d from %s", progress["round_idx"], self.dir)
         return out
-
-
-def single_process_position(data: Mapping[str, Any], where: Path) -> dict[str, int]:
-    """The data position a single-process worker continues from: its own, or a 1-rank DDP node's
-    (whose one shard is the whole stream); a node of more ranks, or an FSDP one, needs torchrun.
-
-    Raises:
-        ValueError: the state belongs to a node this process cannot continue.
-    """
-    ranks = data.get("ranks")
-    if ranks is None:
-        return dict(data)
-    mode = data.get("parallel", "ddp")
-    if len(ranks) == 1 and mode == "ddp":
-        return dict(ranks[0])
-    raise ValueError(
-        f"{where} holds the state of a {len(ranks)}-rank {mode} node: run it under torchrun with "
-        f"--nproc-per-node {len(ranks)} --parallel {mode}"
-    )
