@@ -8,9 +8,11 @@ ids (TRIM). Variants that keep embeddings private (SPEC) send only ``body.`` ten
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dept_comm.digest import Group
 
-__all__ = ["BODY_PREFIX", "EMB_IDS", "EMB_ROWS", "EMB_WEIGHT", "group_of"]
+__all__ = ["BODY_PREFIX", "EMB_IDS", "EMB_ROWS", "EMB_WEIGHT", "default_group_of", "group_of"]
 
 BODY_PREFIX = "body."
 EMB_WEIGHT = "emb.weight"  # glob: the whole global matrix
@@ -21,3 +23,16 @@ EMB_IDS = "emb.ids"  # trim: their global token ids
 def group_of(name: str) -> Group:
     """The accounting group of a protocol tensor: the body, or (everything else) the embeddings."""
     return Group.BODY if name.startswith(BODY_PREFIX) else Group.EMBEDDINGS
+
+
+def default_group_of(row_subset: str | None = None) -> Callable[[str], Group]:
+    """The accounting group of each tensor name for a trainer that is not DEPT: the row-subset
+    tensor (if any) and its streamed rows and ids (``emb.rows``, ``emb.ids``) are embeddings;
+    every other tensor is the shared body. The server and its participants must use the same
+    function: a header whose group differs from the server's manifest is refused."""
+    rows = {EMB_ROWS, EMB_IDS} | ({row_subset} if row_subset is not None else set())
+
+    def by_name(name: str) -> Group:
+        return Group.EMBEDDINGS if name in rows else Group.BODY
+
+    return by_name

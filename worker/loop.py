@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dept_comm.codecs import codec_names
+from dept_comm.names import group_of
 from dept_comm.participant import ServerClient, Session, WorkerState
 from dept_comm.participant.client import stream_idle_for
 from dept_comm.participant.session import FINISHED, MAX_DIVERGED
@@ -57,6 +58,7 @@ class Worker(Session):
         variant = Variant(json.loads(reply.run_config_json)["variant"])
         replica = (OverlapReplica if config.overlap else DeptReplica)(setup.model, str(variant))
         super().__init__(client, replica, device=config.device)
+        self.group_of = group_of  # DEPT's accounting groups: body.* is the body, emb.* the embeddings
         self.joined(reply)
         self.variant = variant
         self.overlap = Overlap(self) if config.overlap else None  # --overlap: worker/overlap.py

@@ -89,8 +89,9 @@ class Participant(Session):
             restored from at the next start).
         timeout_s: deadline of each unary call.
         connect_timeout_s: how long to wait for the server before ``ServerUnreachableError``.
-        attributes: join attributes the server's admit hook reads (schema "app/1" unless the
-            map holds DEPT's keys).
+        attributes: join attributes the server's admit hook reads (opaque to the protocol).
+        attributes_schema: names the attributes' set and version (the admit hook may refuse
+            a schema it does not read).
         credentials: TLS channel credentials (plaintext without).
 
     Raises:
@@ -111,6 +112,7 @@ class Participant(Session):
         timeout_s: float = 60.0,
         connect_timeout_s: float = 60.0,
         attributes: Mapping[str, str] | None = None,
+        attributes_schema: str = "app/1",
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if codec is not None and codec not in codec_names():
@@ -131,6 +133,7 @@ class Participant(Session):
         self.sync_every = sync_every
         self.codec = codec
         self.attributes = dict(attributes or {})
+        self.attributes_schema = attributes_schema
         self.connect_timeout_s = connect_timeout_s
         self.store = WorkerState(Path(state_dir)) if state_dir is not None else None
         client = ServerClient(
@@ -147,12 +150,11 @@ class Participant(Session):
 
     # -- the session's hooks -----------------------------------------------------------------
     def make_join_request(self) -> service_pb2.JoinRequest:
-        schema = "dept/1" if any(k.startswith("dept.") for k in self.attributes) else "app/1"
         return service_pb2.JoinRequest(
             source_id=self.name,
             worker_name=self.name,
             attributes=self.attributes,
-            attributes_schema=schema if self.attributes else "",
+            attributes_schema=self.attributes_schema if self.attributes else "",
             codecs=[self.codec] if self.codec is not None else codec_names(),
         )
 

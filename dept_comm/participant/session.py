@@ -21,6 +21,7 @@ import torch
 
 from dept_comm.codecs import Codec, get_codec
 from dept_comm.codecs.gpu import DeviceErrorFeedback, make_feedback
+from dept_comm.digest import Group
 from dept_comm.errors import (
     CommitMismatchError,
     ConflictError,
@@ -33,7 +34,7 @@ from dept_comm.errors import (
     UnauthenticatedError,
 )
 from dept_comm.frames import StreamItem, as_message
-from dept_comm.names import group_of
+from dept_comm.names import default_group_of
 from dept_comm.pb import service_pb2
 from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
 
@@ -62,6 +63,9 @@ class Session:
         self.info = service_pb2.RoundInfo()
         self.run_info: dict[str, Any] = {}
         self._raw = get_codec("raw")
+        # Each update tensor's accounting group: it must be the server's (a differing header is
+        # refused). The generic server's default; DEPT's worker sets dept_comm.names.group_of.
+        self.group_of: Callable[[str], Group] = default_group_of()
         self.codec_up: Codec = self._raw
         self.feedback = make_feedback(self.codec_up, self.device)
         self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
@@ -163,7 +167,7 @@ class Session:
                 return self.feedback.encode(name, t if on_device else t.cpu())
             return codec.encode(t.cpu())
 
-        groups = {k: group_of(k) for k in delta}
+        groups = {k: self.group_of(k) for k in delta}
         return list(
             encode_stream(delta, open_info=open_info, codec=codec_for, groups=groups, encoder=encoder)
         )

@@ -11,9 +11,10 @@
 """
 
 from dept_comm.accounting import RoundMetrics
+from dept_comm.names import default_group_of
 
 from .config import ServerConfig
-from .hooks import ServerHooks, check_resume_identity, default_group_of
+from .hooks import ServerHooks, check_resume_identity
 from .parameter_server import ParameterServer
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch
 from dept_comm.accounting import RoundMetrics
 from dept_comm.digest import Group
 from dept_comm.errors import ResumeMismatchError
-from dept_comm.names import EMB_IDS, EMB_ROWS
+from dept_comm.names import default_group_of
 
 __all__ = ["ServerHooks", "accept_any", "check_resume_identity", "default_group_of"]
 
@@ -27,17 +27,6 @@ RoundClosed = Callable[[RoundMetrics, Mapping[str, torch.Tensor]], None]
 def accept_any(attributes: Mapping[str, str], schema: str) -> str | None:
     """The default join check: every participant is welcome, whatever its attributes."""
     return None
-
-
-def default_group_of(row_subset: str | None) -> Callable[[str], Group]:
-    """The accounting group of each tensor name: the row-subset tensor and its streamed rows and
-    ids (``emb.rows``, ``emb.ids``) are embeddings; every other tensor is the shared body."""
-    rows = {EMB_ROWS, EMB_IDS} | ({row_subset} if row_subset is not None else set())
-
-    def group_of(name: str) -> Group:
-        return Group.EMBEDDINGS if name in rows else Group.BODY
-
-    return group_of
 
 
 def check_resume_identity(

@@ -11,12 +11,11 @@ from dept_comm.codecs import get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.digest import Group, TensorSpec, tensors_digest
 from dept_comm.errors import ManifestMismatchError
-from dept_comm.names import EMB_IDS, EMB_ROWS
+from dept_comm.names import EMB_IDS, EMB_ROWS, default_group_of
 from dept_comm.outer import OuterOptimizer
 from dept_comm.streaming import StreamConfig
 
 from .downlink import Downlink
-from .hooks import default_group_of
 
 logger = logging.getLogger(__name__)
 
