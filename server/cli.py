@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-import signal
-import sys
-import threading
 from pathlib import Path
 
 import click
 
-from dept_comm.channel import BindError
-from dept_comm.errors import DeptError
-from dept_comm.server.options import RUN_OPTIONS, SERVER_OPTIONS, apply_options
+from dept_comm.server.options import (
+    RUN_OPTIONS,
+    SERVER_OPTIONS,
+    apply_options,
+    serve_until_signal,
+    setup_logging,
+)
 from dept_comm.server.run import tune_malloc
 
 from .config import VARIANTS, ServerConfig
@@ -34,9 +34,7 @@ def main(**options: object) -> None:
     SIGTERM or SIGINT stops it gracefully: health NOT_SERVING, no new RPCs, in-flight ones get
     --grace seconds, an unfinished run is checkpointed (with --checkpoint-dir), exit status 0.
     """
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    setup_logging()
     # Reuse freed memory instead of page-faulting fresh chunks in: ~2x the stream throughput here.
     tune_malloc()
     try:
@@ -44,17 +42,7 @@ def main(**options: object) -> None:
         config.tls_pems()  # unreadable or non-PEM files: a usage error now, not a failed start
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        code = run_dept(config, stop)
-    except (BindError, DeptError) as err:
-        # A refused start (port taken, checkpoint dir locked, a --resume that does not match):
-        # one clear line and exit status 1, no traceback. Nothing was served or written.
-        click.echo(f"dept-server: error: {err}", err=True)
-        sys.exit(1)
-    sys.exit(code)
+    serve_until_signal("dept-server", lambda stop: run_dept(config, stop))
 
 
 if __name__ == "__main__":

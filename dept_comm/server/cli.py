@@ -7,20 +7,15 @@ the server averages them and runs the outer step. ``--save`` writes the final te
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import threading
 from pathlib import Path
 
 import click
 import torch
 
-from dept_comm.channel import BindError
-from dept_comm.errors import DeptError
-
 from .config import ServerConfig
 from .hooks import ServerHooks
-from .options import RUN_OPTIONS, SERVER_OPTIONS, apply_options
+from .options import RUN_OPTIONS, SERVER_OPTIONS, apply_options, serve_until_signal, setup_logging
 from .run import RunningServer, run, start_server, tune_malloc
 
 __all__ = ["load_tensors", "main"]
@@ -80,9 +75,7 @@ def main(tensors_path: Path, save_path: Path | None, label: str, **options: obje
     SIGTERM or SIGINT stops it gracefully (an unfinished run is checkpointed with
     --checkpoint-dir); exit status 0, or 1 with one line on a refused start.
     """
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    setup_logging()
     tune_malloc()
     try:
         config = ServerConfig(**options)  # type: ignore[arg-type]
@@ -90,19 +83,15 @@ def main(tensors_path: Path, save_path: Path | None, label: str, **options: obje
         tensors = load_tensors(tensors_path)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
+
+    def serve(stop: threading.Event) -> int:
         running = start_server(config, tensors, ServerHooks(label=label), copy=False)
-        del tensors
         code = run(running, stop)
         if save_path is not None:
             _save(running, save_path)
-    except (BindError, DeptError) as err:
-        click.echo(f"dept-comm-server: error: {err}", err=True)
-        sys.exit(1)
-    sys.exit(code)
+        return code
+
+    serve_until_signal("dept-comm-server", serve)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,17 @@ One definition: each CLI applies ``RUN_OPTIONS`` (where and how long), its own o
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
+from dept_comm.channel import BindError
 from dept_comm.codecs import parse_codec_spec
 from dept_comm.errors import DeptError
 
@@ -163,3 +168,28 @@ def apply_options(options: Sequence[Decorator]) -> Callable[[F], F]:
         return f
 
     return decorate
+
+
+def setup_logging() -> None:
+    """The servers' log format on stderr (INFO)."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+
+
+def serve_until_signal(prog: str, serve: Callable[[threading.Event], int]) -> NoReturn:
+    """Run ``serve(stop)`` with SIGINT/SIGTERM setting ``stop``, then exit with its status.
+
+    A refused start (port taken, checkpoint directory locked, a ``--resume`` that does not match)
+    prints one line, ``PROG: error: ...``, and exits 1 with no traceback: nothing was served or
+    written.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        code = serve(stop)
+    except (BindError, DeptError) as err:
+        click.echo(f"{prog}: error: {err}", err=True)
+        sys.exit(1)
+    sys.exit(code)
