@@ -54,7 +54,10 @@ def participate(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = batches(seed=sum(map(ord, args.name)))
     losses: list[float] = []
-    with Participant(model, server=f"127.0.0.1:{args.port}", name=args.name, sync_every=args.sync_every) as p:
+    server = f"127.0.0.1:{args.port}"  # with --state-dir, a restarted participant continues its run
+    with Participant(
+        model, server, name=args.name, sync_every=args.sync_every, state_dir=args.state_dir
+    ) as p:
         while not p.finished:
             x, y = next(data)
             loss = nn.functional.mse_loss(model(x), y)
@@ -79,10 +82,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sync-every", type=int, default=50, help="inner steps per round")
     parser.add_argument("--metrics", default=None, help="server: write metrics.jsonl here")
+    parser.add_argument("--state-dir", default=None, help="participant: save its state here each round")
     args = parser.parse_args()
     if args.role == "participant":
         return participate(args)
     with serve(args) as server:
+        print(f"server listening on 127.0.0.1:{server.port}", flush=True)
         if args.role == "all":
             me = [sys.executable, __file__, "--role", "participant", "--port", str(server.port)]
             me += ["--sync-every", str(args.sync_every)]
