@@ -223,6 +223,7 @@ class RoundMetrics:
         return _ratio(self.down_payload_bytes, self.down_raw_bytes)
 
     def ratios(self) -> dict[str, float]:
+        """Payload bytes against the full model and against the uncompressed body, each way."""
         return {
             "up_vs_full_model": self.up_vs_full_model,
             "down_vs_full_model": self.down_vs_full_model,
@@ -231,11 +232,13 @@ class RoundMetrics:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, and the ratios, as plain JSON types."""
         d = asdict(self)
         d["ratios"] = self.ratios()
         return d
 
     def to_json_line(self) -> str:
+        """One sorted, compact JSON line (a line of metrics.jsonl)."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def append_jsonl(self, path: str | os.PathLike[str]) -> None:

@@ -40,13 +40,20 @@ class Codec(Protocol):
     lossless: ClassVar[bool]  # decode(encode(x)) == x bit for bit (for float32 input)
 
     @property
-    def params(self) -> CodecParams: ...
+    def params(self) -> CodecParams:
+        """The resolved parameters a receiver needs to decode (sent in each tensor header)."""
+        ...
 
-    def encode(self, x: torch.Tensor) -> bytes: ...
+    def encode(self, x: torch.Tensor) -> bytes:
+        """The payload for tensor ``x`` (any shape; its values as float32 unless the codec is raw)."""
+        ...
 
     def decode(
         self, data: bytes | memoryview, shape: Sequence[int], dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Rebuild a tensor of ``shape`` and ``dtype`` from a payload, bounded by the shape
+        (a payload longer than the codec's maximum for it is refused, never decompressed past)."""
+        ...
 
     def max_encoded_bytes(self, numel: int) -> int:
         """Upper bound on a valid payload for ``numel`` elements (used before decoding)."""

@@ -28,11 +28,17 @@ class SharedView(Protocol):
     """
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """Where the replica and the update are kept (the model's device)."""
+        ...
 
-    def shared(self) -> dict[str, torch.Tensor]: ...
+    def shared(self) -> dict[str, torch.Tensor]:
+        """The shared tensors' current local values, by name (no copy needed)."""
+        ...
 
-    def load(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write ``tensors`` (the verified replica, float32) into the model in place."""
+        ...
 
 
 def local_predicate(local: LocalFilter) -> Callable[[str], bool]:

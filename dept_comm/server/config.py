@@ -128,10 +128,12 @@ class ServerConfig:
 
     @property
     def quorum(self) -> int:
+        """Commits a round needs to close at its deadline (``min_workers``, else ``workers``)."""
         return self.workers if self.min_workers is None else self.min_workers
 
     @property
     def tls(self) -> bool:
+        """Whether the port speaks TLS (``tls_cert`` is set)."""
         return self.tls_cert is not None
 
     def tls_pems(self) -> tuple[bytes, bytes, bytes | None] | None:
