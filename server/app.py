@@ -36,6 +36,7 @@ from dept_comm.frames import StreamItem, Undecodable, WireItem, kind_of
 from dept_comm.memory import release_freed_memory
 from dept_comm.names import EMB_WEIGHT
 from dept_comm.outer import build_outer
+from dept_comm.parallel import stripe_of
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.progress import InflightTransfers
@@ -338,6 +339,7 @@ class ServerApp:
             resume_from_seq=req.resume_from_seq,
             resume_upload_id=req.resume_upload_id,
             resume_target_digest=req.resume_target_digest,
+            stripe=stripe_of(req),  # InvalidInputError for bad stripe values
         )
         meter = self._worker_round(req.worker_id, round_idx).down
         return metered(messages, meter)
@@ -390,6 +392,8 @@ class ServerApp:
                 rx.add(first)
                 entry = (worker_id, info.round_idx, rx)
                 self._uploads[info.upload_id] = entry
+            else:  # a resumed stream, or another stripe of a multi-stream push: the same open
+                entry[2].add(first)
         rx = entry[2]
         touched = time.monotonic()
         for msg in metered(it, meter):
