@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+from dept_comm.memory import keep_freed_memory
 from dept_server.config import ServerConfig  # type: ignore[import-not-found]  # mypy checks server/ as "server"
 from dept_server.initial import describe_run  # type: ignore[import-not-found]
 from dept_server.run import start_server, tune_malloc  # type: ignore[import-not-found]
@@ -27,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     tune_malloc()  # as dept-server's CLI does
+    threshold = os.environ.get("DEPT_WIRE_MMAP_THRESHOLD_MIB")  # an experiment: blocks below stay in the heap
+    if threshold:
+        keep_freed_memory(
+            mmap_threshold_bytes=int(threshold) << 20, trim_threshold_bytes=1 << 30, max_arenas=2
+        )
     with tempfile.TemporaryDirectory(prefix="dept-wire-") as tmp:
         config = ServerConfig(
             port=0,
