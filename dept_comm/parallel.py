@@ -49,8 +49,11 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Measured with ``dept-bench wire`` (benchmarks/results/2026-11-28-cpu-wire): two stripes lift
-# push and pull past one stream's CPU bound; more than two gained nothing on the hosts measured.
+# ``dept-bench wire`` on the 2-core sandbox (benchmarks/results/2026-11-28-cpu-wire): pull with 2
+# streams 1260/1176/1290 MB/s against 1214/1032/1301 with one; push no faster (client and server
+# share 2 cores there, so no stripe adds CPU); 4 streams slower. Two stripes also double the
+# HTTP/2 window in flight on a long link (dept-server fixes 1 MiB per stream). Not yet measured on
+# a host with more cores: revisit there.
 DEFAULT_STREAMS = 2
 MAX_STREAMS = 16  # a server refuses more stripes than this for one pull
 
