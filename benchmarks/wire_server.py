@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory(
             mmap_threshold_bytes=int(threshold) << 20, trim_threshold_bytes=1 << 30, max_arenas=2
         )
+    window_kib = os.environ.get("DEPT_WIRE_STREAM_WINDOW_KIB")  # an experiment: --stream-window-kib
+    window = {"stream_window_kib": int(window_kib)} if window_kib else {}
     with tempfile.TemporaryDirectory(prefix="dept-wire-") as tmp:
         config = ServerConfig(
             port=0,
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_timeout_s=3600.0,
             metrics_path=Path(tmp) / "metrics.jsonl",
             staging_memory_mib=4 * args.body_mib,  # uploads staged in memory, as a sized server does
+            **window,
         )
         body = synthetic_body(args.body_mib)
         numel = sum(t.numel() for t in body.values())
