@@ -49,12 +49,13 @@ __all__ = [
 
 T = TypeVar("T")
 
-# ``dept-bench wire`` on the 2-core sandbox (benchmarks/results/2026-11-28-cpu-wire): pull with 2
-# streams 1260/1176/1290 MB/s against 1214/1032/1301 with one; push no faster (client and server
-# share 2 cores there, so no stripe adds CPU); 4 streams slower. Two stripes also double the
-# HTTP/2 window in flight on a long link (dept-server fixes 1 MiB per stream). Not yet measured on
-# a host with more cores: revisit there.
-DEFAULT_STREAMS = 2
+# ``dept-bench wire`` on the 2-core sandbox (benchmarks/results/2026-11-28-cpu-wire, 7 runs over two
+# builds): 2 streams against 1 gave push -4..+4% and pull -8..+14% (best of 11), medians either
+# way, at more CPU per MiB on both sides (client and server share 2 cores there, so no stripe adds
+# CPU); 4 streams slower. No clear gain, so one stream by default. More streams help where one
+# stream's rate is capped by a per-stream window over a long round trip (each stripe adds
+# dept-server's --stream-window-kib in flight) or where both ends have cores to spare: measure there.
+DEFAULT_STREAMS = 1
 MAX_STREAMS = 16  # a server refuses more stripes than this for one pull
 
 
