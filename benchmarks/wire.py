@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import socket
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -19,8 +24,11 @@ from dept_comm.channel import bind, build_server, channel_options
 from dept_comm.codecs import get_codec
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError, DeptError
-from dept_comm.frames import StreamItem, WireItem, read_wire, to_wire
+from dept_comm.frames import ChunkFrame, StreamItem, WireItem, from_wire, read_wire, to_wire
+from dept_comm.manifest import chunk_checksums, tensor_payload
 from dept_comm.memory import keep_freed_memory
+from dept_comm.parallel import DEFAULT_STREAMS
+from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import (
@@ -40,6 +48,7 @@ _RAW_SERVICE = "dept.bench.Raw"
 # Untimed first pass: fresh pages cost ~1.5 ms/MiB in this sandbox; later passes reuse freed memory,
 # as a long-running server and worker do.
 _WARMUP = 1
+_STREAM_COUNTS = (1, 2, 4)  # DEFAULT_STREAMS among them
 
 
 def _tensors(size_bytes: int) -> dict[str, torch.Tensor]:
@@ -200,29 +209,32 @@ def _tcp(port: int, payload: memoryview) -> float:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """Push and pull 256 MiB (quick: 32 MiB) of float32 over loopback gRPC and TCP; best of 11 each.
+    """Push and pull 256 MiB (quick: 32 MiB) of float32 over loopback against the real dept-server,
+    with 1, 2 and 4 concurrent streams, next to one raw TCP socket and raw gRPC; best of 11 each.
 
-    The server (gRPC servicer and TCP sink) and the client run in two fresh processes, so the
-    sides do not share one GIL. gRPC push ends when the server has verified the commit; pull ends
-    when ``receive_stream`` has decoded every tensor. TCP sends the same bytes with ``sendall``
-    into a preallocated buffer. ``grpc_raw_*`` is gRPC's own floor on the same channel: the same
-    bytes as prebuilt 1 MiB messages, no protobuf and no checks. All are interleaved, after one
-    untimed warm-up pass. ``cpu_ms_per_MiB`` is the least CPU time each process spent per MiB
-    (all its threads), which a loaded machine distorts far less than wall time; the pull client's
-    includes one digest pass that checks the pulled tensors against the server's.
+    Three processes: this benchmark's client, the real dept-server (``dept_bench.wire_server``:
+    ServerApp, servicer, admission, staging, down-link frames, fp32 both ways) and a minimal server
+    (``_serve``) with the TCP sink and gRPC's own floor (``grpc_raw_*``: the same bytes as prebuilt
+    1 MiB messages, no protobuf and no checks). The client is ``dept_comm.participant.client.ServerClient``
+    as dept-worker uses it: a push encodes the update (timed) and streams it until the server's
+    receipt holds every chunk (staged, every chunk checksum verified; the commit's digest check is
+    CommitUpdate's, not timed); a pull streams the whole body, merges its stripes and decodes every
+    tensor with ``receive_stream`` (checksums, tensor digests, commit digest), then checks the body
+    digest against the server's (untimed, but in the CPU figures). All runs are interleaved, after
+    one untimed warm-up pass.
 
-    Chunks travel as ``dept_comm.frames.ChunkFrame``s, as in dept-server and dept-worker: built with
-    one copy of the payload, read in place, one XXH3-64 pass per side for checksums and digests.
-
-    The top-level figures use the allocator setting dept-server and dept-worker use
-    (``dept_comm.memory.keep_freed_memory(max_arenas=0)``); ``default_allocator`` repeats all of
-    it in two new processes with glibc's defaults.
+    ``streams`` is dept-worker's default (``dept_comm.parallel.DEFAULT_STREAMS``); the top-level
+    push and pull figures are for it, ``by_streams`` has every count. ``cpu_ms_per_MiB`` is the
+    least CPU time each process spent per MiB (all threads; the server's from its threads'
+    schedstat), which a loaded machine distorts far less than wall time; its ``phases`` are the
+    single-thread cost per MiB of each step of ours on the same data, measured apart in this
+    process, and ``grpc_and_rest`` is the side's total less those (gRPC, its threads, our
+    per-message glue).
     """
     size = (32 if quick else 256) << 20
     out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": StreamConfig().chunk_bytes, "repeats": _REPEATS}
     out |= _in_process(size, tuned=True)
     out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
-    out["default_allocator"] = _in_process(size, tuned=False)
     return out
 
 
@@ -252,6 +264,78 @@ def _client(conn: Connection, size: int, tuned: bool) -> None:
         conn.send({"error": f"{type(err).__name__}: {err}"})
 
 
+def _server_cpu(pid: int) -> float:
+    """CPU seconds of every live thread of process ``pid`` (ns resolution, from schedstat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended meanwhile
+    return total / 1e9
+
+
+def _start_real_server(size: int) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dept_bench.wire_server", "--body-mib", str(size >> 20)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise TimeoutError("dept-server did not start")
+    return proc, int(json.loads(line)["port"])
+
+
+class _Worker:
+    """A joined worker of the real server, pushing and pulling as dept-worker does."""
+
+    def __init__(self, port: int) -> None:
+        self.client = ServerClient(f"127.0.0.1:{port}", timeout_s=120, progress_interval_s=3600)
+        join = service_pb2.JoinRequest(
+            source_id="bench",
+            worker_name="bench",
+            attributes={"dept.vocab_digest": ""},
+            attributes_schema="dept/1",
+        )
+        reply = self.client.join(join)
+        self.worker_id = reply.worker_id
+        self.round_idx = reply.round.round_idx
+        self.request = service_pb2.PullRequest(worker_id=self.worker_id, full=True)
+        self.info, self.body = receive_stream(self.client.pull(self.request), limits=PULL_LIMITS)
+
+    def push(self, streams: int) -> float:
+        self.client.streams = streams
+        info = StreamOpenInfo(
+            upload_id=f"bench-{time.monotonic_ns()}",
+            sender_id=self.worker_id,
+            round_idx=self.round_idx,
+            base_version=self.info.target_version,
+            base_digest=self.info.target_digest,
+            is_delta=True,
+        )
+        t0 = time.perf_counter()
+        messages = list(encode_stream(self.body, open_info=info, codec=get_codec("fp32")))
+        receipt = self.client.push(messages[:-1])
+        elapsed = time.perf_counter() - t0
+        if receipt.num_chunks != len(messages) - 2 or receipt.missing_seqs:
+            raise CommitMismatchError(f"push held {receipt.num_chunks} of {len(messages) - 2} chunks")
+        return elapsed
+
+    def pull(self, streams: int) -> float:
+        self.client.streams = streams
+        t0 = time.perf_counter()
+        info, pulled = receive_stream(self.client.pull(self.request), limits=PULL_LIMITS)
+        elapsed = time.perf_counter() - t0
+        if tensors_digest(pulled) != info.target_digest:
+            raise CommitMismatchError("pulled tensors differ from the server's")
+        return elapsed
+
+
 def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
     applied = keep_freed_memory(max_arenas=0) if tuned else False
     config = StreamConfig()
@@ -262,49 +346,54 @@ def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(child, size, config.chunk_bytes, tuned), daemon=True)
     proc.start()
+    real, real_port = _start_real_server(size)
     try:
         if not parent.poll(120):
             raise TimeoutError("benchmark server did not start within 120 s")
         grpc_port, tcp_port = parent.recv()
         payload = flat.view(torch.uint8).numpy().data
+        worker = _Worker(real_port)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=channel_options()) as channel:
-            stub = ParameterServerStub(channel)
             grpc.channel_ready_future(channel).result(timeout=30)
             pieces = _raw_pieces(tensors, config.chunk_bytes)
-            expected = tensors_digest(tensors)
-            runs: dict[str, Callable[[], float]] = {
-                "tcp": lambda: _tcp(tcp_port, payload),
-                "push": lambda: _push(stub, tensors, config),
-                "pull": lambda: _pull(stub, expected),
-                "raw_push": lambda: _raw_push(channel, pieces),
-                "raw_pull": lambda: _raw_pull(channel, size),
-            }
-
-            def server_cpu() -> float:
-                parent.send("cpu")
-                return float(parent.recv())
-
-            samples = _measure(runs, server_cpu)
+            runs: dict[str, Callable[[], float]] = {"tcp": lambda: _tcp(tcp_port, payload)}
+            for n in _STREAM_COUNTS:
+                runs[f"push{n}"] = lambda n=n: worker.push(n)  # type: ignore[misc]
+                runs[f"pull{n}"] = lambda n=n: worker.pull(n)  # type: ignore[misc]
+            runs["raw_push"] = lambda: _raw_push(channel, pieces)
+            runs["raw_pull"] = lambda: _raw_pull(channel, size)
+            samples = _measure(runs, lambda: _server_cpu(real.pid), lambda: _server_cpu(proc.pid or 0))
+        worker.client.close()
     finally:
         parent.send("stop")
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
+        if real.stdin is not None:
+            real.stdin.close()
+        try:
+            real.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            real.kill()
     logger.info("wire tuned=%s samples=%s", tuned, samples)
-    return {"num_tensors": len(tensors)} | _figures(size, samples) | ({"applied": applied} if tuned else {})
+    out = {"num_tensors": len(tensors)} | _figures(size, samples, _phases(tensors, config))
+    return out | ({"applied": applied} if tuned else {})
 
 
 Sample = tuple[float, float, float]  # wall seconds, client CPU seconds, server CPU seconds
 
 
 def _measure(
-    runs: Mapping[str, Callable[[], float]], server_cpu: Callable[[], float]
+    runs: Mapping[str, Callable[[], float]],
+    real_cpu: Callable[[], float],
+    raw_cpu: Callable[[], float],
 ) -> dict[str, list[Sample]]:
     # Interleaved so that all see the same background load; the first pass is untimed. CPU time
     # (all threads of each process) is steadier than wall time on a shared machine.
     samples: dict[str, list[Sample]] = {name: [] for name in runs}
     for i in range(_WARMUP + _REPEATS):
         for name, one in runs.items():
+            server_cpu = real_cpu if name.startswith(("push", "pull")) else raw_cpu
             s0, c0 = server_cpu(), time.process_time()
             elapsed = one()
             c1, s1 = time.process_time(), server_cpu()
@@ -313,9 +402,69 @@ def _measure(
     return samples
 
 
-def _figures(size: int, samples: Mapping[str, list[Sample]]) -> dict[str, Any]:
-    mbps = {k: size / min(x[0] for x in v) / 1e6 for k, v in samples.items()}
+def _phases(tensors: Mapping[str, torch.Tensor], config: StreamConfig) -> dict[str, float]:
+    """CPU ms per MiB of each step of ours, one thread, least of 3 (the same data as the runs)."""
+    step = config.chunk_bytes
+    fp32 = get_codec("fp32")
+    mib = sum(t.numel() * 4 for t in tensors.values()) / (1 << 20)
+    payloads = [memoryview(tensor_payload(k, x, fp32, None)).cast("B") for k, x in tensors.items()]
+    checksums = [chunk_checksums(p, step) for p in payloads]
+    info = StreamOpenInfo(upload_id="phases")
+    items = [read_wire(to_wire(m)) for m in encode_stream(tensors, open_info=info, codec=fp32, config=config)]
+    wires = [to_wire(m) for m in items]  # type: ignore[arg-type]
+
+    def best(fn: Callable[[], object]) -> float:
+        least = math.inf
+        for _ in range(3):
+            t0 = time.thread_time()
+            fn()
+            least = min(least, time.thread_time() - t0)
+        return round(1e3 * least / mib, 3)
+
+    def frame() -> None:
+        for p, sums in zip(payloads, checksums, strict=True):
+            for k, checksum in enumerate(sums):
+                ChunkFrame.build(
+                    upload_id="phases", seq=k, tensor_idx=0, chunk_idx=k, header=None,
+                    data=p[k * step : (k + 1) * step], checksum=checksum,
+                )  # fmt: skip
+
+    receive = decode = math.inf
+    for _ in range(3):  # each pass drops the last one's tensors first, as a worker's pulls do
+        t0 = time.thread_time()
+        rx = StreamReceiver(limits=PULL_LIMITS)
+        for m in items:
+            rx.add(m)  # checks, checksum and the copy into staging
+        t1 = time.thread_time()
+        decoded = rx.decode_all()
+        t2 = time.thread_time()
+        del rx, decoded
+        receive, decode = min(receive, t1 - t0), min(decode, t2 - t1)
+    out = {
+        "checksum": best(lambda: [chunk_checksums(p, step) for p in payloads]),
+        "frame": best(frame),
+        "parse": best(lambda: [from_wire(w) for w in wires]),
+        "receive": round(1e3 * receive / mib, 3),
+        "decode": round(1e3 * decode / mib, 3),
+        "digest": best(lambda: tensors_digest(tensors)),
+    }
+    out["stage"] = round(max(0.0, out.pop("receive") - out["checksum"]), 3)
+    return out
+
+
+# Our steps on each side of a transfer (fp32: the payload is the tensor's memory, no encode).
+_SIDES = {
+    ("push", "client"): ("checksum", "frame"),
+    ("push", "server"): ("parse", "checksum", "stage"),
+    ("pull", "server"): ("frame",),  # checksums are computed once per version, not per pull
+    ("pull", "client"): ("parse", "checksum", "stage", "decode", "digest"),
+}
+
+
+def _figures(size: int, samples: Mapping[str, list[Sample]], phases: Mapping[str, float]) -> dict[str, Any]:
     mib = size / (1 << 20)
+    mbps = {k: size / min(x[0] for x in v) / 1e6 for k, v in samples.items()}
+    median = {k: size / statistics.median(x[0] for x in v) / 1e6 for k, v in samples.items()}
     cpu = {
         k: {
             "client": round(1e3 * min(x[1] for x in v) / mib, 3),
@@ -323,15 +472,45 @@ def _figures(size: int, samples: Mapping[str, list[Sample]]) -> dict[str, Any]:
         }
         for k, v in samples.items()
     }
+    tcp = mbps["tcp"]
+
+    def side(kind: str, n: int, who: str) -> dict[str, Any]:
+        total = cpu[f"{kind}{n}"][who]
+        ours = {p: phases[p] for p in _SIDES[(kind, who)]}
+        return {"total": total, "phases": ours, "grpc_and_rest": round(total - sum(ours.values()), 3)}
+
+    by_streams: dict[str, dict[str, Any]] = {
+        str(n): {
+            "push_MBps": round(mbps[f"push{n}"], 1),
+            "pull_MBps": round(mbps[f"pull{n}"], 1),
+            "push_median_MBps": round(median[f"push{n}"], 1),
+            "pull_median_MBps": round(median[f"pull{n}"], 1),
+            "push_vs_tcp": round(mbps[f"push{n}"] / tcp, 3),
+            "pull_vs_tcp": round(mbps[f"pull{n}"] / tcp, 3),
+            "cpu_ms_per_MiB": {
+                kind: {who: side(kind, n, who) for who in ("client", "server")} for kind in ("push", "pull")
+            },
+        }
+        for n in _STREAM_COUNTS
+    }
+    chosen = by_streams[str(DEFAULT_STREAMS)]
     return {
-        "grpc_push_MBps": round(mbps["push"], 1),
-        "grpc_pull_MBps": round(mbps["pull"], 1),
-        "tcp_MBps": round(mbps["tcp"], 1),
-        "push_vs_tcp": round(mbps["push"] / mbps["tcp"], 3),
-        "pull_vs_tcp": round(mbps["pull"] / mbps["tcp"], 3),
+        "streams": DEFAULT_STREAMS,
+        "push_MBps": chosen["push_MBps"],
+        "pull_MBps": chosen["pull_MBps"],
+        "tcp_MBps": round(tcp, 1),
+        "tcp_median_MBps": round(median["tcp"], 1),
+        "push_vs_tcp": chosen["push_vs_tcp"],
+        "pull_vs_tcp": chosen["pull_vs_tcp"],
+        "one_stream": {
+            k: by_streams["1"][k] for k in ("push_MBps", "pull_MBps", "push_vs_tcp", "pull_vs_tcp")
+        },
         "grpc_raw_push_MBps": round(mbps["raw_push"], 1),
         "grpc_raw_pull_MBps": round(mbps["raw_pull"], 1),
-        "raw_push_vs_tcp": round(mbps["raw_push"] / mbps["tcp"], 3),
-        "raw_pull_vs_tcp": round(mbps["raw_pull"] / mbps["tcp"], 3),
-        "cpu_ms_per_MiB": cpu,
+        "raw_push_vs_tcp": round(mbps["raw_push"] / tcp, 3),
+        "raw_pull_vs_tcp": round(mbps["raw_pull"] / tcp, 3),
+        "cpu_ms_per_MiB": chosen["cpu_ms_per_MiB"]
+        | {k: cpu[k] for k in ("tcp", "raw_push", "raw_pull")}
+        | {"phases": dict(phases)},
+        "by_streams": by_streams,
     }

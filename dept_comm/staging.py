@@ -16,19 +16,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-__all__ = ["Backing", "FileBacking", "MemoryBacking", "StagingArea", "UploadStaging", "STAGING_SUFFIX"]
+__all__ = [
+    "Backing",
+    "FileBacking",
+    "MemoryBacking",
+    "StagingArea",
+    "UploadStaging",
+    "STAGING_SUFFIX",
+    "STAGING_KEEP_S",
+]
 
 logger = logging.getLogger(__name__)
 
 STAGING_SUFFIX = ".dept-staging"
+STAGING_KEEP_S = 120.0  # kept staging buffers unused this long go (StagingArea.trim, on the server's ticker)
 
 
 class Backing(Protocol):
@@ -44,13 +56,30 @@ class Backing(Protocol):
 
 
 class MemoryBacking:
-    """A uint8 buffer in memory (pages are touched as data arrives)."""
+    """A uint8 buffer in memory (pages are touched as data arrives).
 
-    def __init__(self, size: int, on_release: object = None) -> None:
+    ``buffer`` is a recycled buffer of ``size`` bytes to use instead of a new one (its old bytes
+    are not cleared: as with ``torch.empty``, every byte is written before it is read). On
+    release, ``recycle`` (if given) gets the buffer back, but only when nothing else holds it: a
+    same-bytes tensor decoded from the staging *is* the buffer, and a view of it keeps it out of
+    any pool.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        on_release: object = None,
+        *,
+        buffer: torch.Tensor | None = None,
+        recycle: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         self.size = size
-        self.tensor: torch.Tensor | None = torch.empty(size, dtype=torch.uint8)
+        self.tensor: torch.Tensor | None = (
+            buffer if buffer is not None else torch.empty(size, dtype=torch.uint8)
+        )
         self.array: np.ndarray | None = self.tensor.numpy()
         self._on_release = on_release
+        self._recycle = recycle
 
     def write(self, offset: int, data: bytes | memoryview | np.ndarray) -> None:
         assert self.array is not None
@@ -63,9 +92,33 @@ class MemoryBacking:
 
     def release(self) -> None:
         if self.array is not None:
-            self.array = self.tensor = None
+            unshared = self._recycle is not None and self._unshared()
+            tensor, self.array, self.tensor = self.tensor, None, None
             if callable(self._on_release):
                 self._on_release(self.size)
+            if unshared and self._recycle is not None and tensor is not None:
+                self._recycle(tensor)
+
+    def _unshared(self) -> bool:
+        """Whether only this backing holds its buffer (as a fresh one does)."""
+        return _UNSHARED is not None and self._holders() == _UNSHARED
+
+    def _holders(self) -> tuple[int, int, int] | None:
+        return _holders(self.tensor, self.array)
+
+
+def _holders(tensor: torch.Tensor | None, array: np.ndarray | None) -> tuple[int, int, int] | None:
+    """Who holds a buffer: references to the tensor and its array, and users of its storage (torch
+    views); None where torch cannot tell (then nothing is recycled)."""
+    try:
+        uses = int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return None
+    return sys.getrefcount(tensor), sys.getrefcount(array), uses
+
+
+_UNSHARED: tuple[int, int, int] | None = None
+_UNSHARED = MemoryBacking(16)._holders()  # a fresh backing that nothing else holds, seen the same way
 
 
 class FileBacking:
@@ -118,7 +171,9 @@ class UploadStaging:
                 raise RuntimeError("staging of a closed upload")
             if self._area.reserve(size):
                 self._memory_bytes += size
-                return MemoryBacking(size, on_release=self._released)
+                return MemoryBacking(
+                    size, on_release=self._released, buffer=self._area.take(size), recycle=self._area.recycle
+                )
             if self._fd is None:
                 self.path = self._area.new_file_path()
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -159,6 +214,13 @@ class UploadStaging:
 class StagingArea:
     """The server-wide staging budget and directory.
 
+    Released in-memory buffers are kept for the next uploads' tensors of the same size (a fresh
+    buffer's first touch costs ~0.5 ms per MiB in page faults on the 2-core sandbox, copying into a
+    reused one ~0.05-0.08; ``dept-bench wire``'s push, benchmarks/results/2026-11-28-cpu-wire).
+    Kept buffers count against the same budget: staged plus kept bytes never exceed
+    ``memory_budget_bytes`` (kept ones are dropped first when a new tensor needs the room), and
+    :meth:`trim` drops those unused for ``idle_s``.
+
     Args:
         directory: where spilled uploads go (created if missing).
         memory_budget_bytes: encoded bytes of all open uploads held in memory at most.
@@ -172,13 +234,65 @@ class StagingArea:
         self.memory_budget_bytes = memory_budget_bytes
         self._lock = threading.Lock()
         self._memory_bytes = 0
+        self._kept: dict[int, list[tuple[float, torch.Tensor]]] = {}  # size -> (released at, buffer)
+        self._kept_bytes = 0
 
     def reserve(self, size: int) -> bool:
         with self._lock:
             if self._memory_bytes + size > self.memory_budget_bytes:
                 return False
             self._memory_bytes += size
+            self._make_room_locked(size)
             return True
+
+    def _make_room_locked(self, size: int) -> None:
+        """Drop kept buffers (other sizes first, oldest first) until staged + kept bytes fit."""
+        while self._kept_bytes and self._memory_bytes + self._kept_bytes > self.memory_budget_bytes:
+            sizes = sorted(self._kept, key=lambda s: (s == size, self._kept[s][0][0]))
+            victim = sizes[0]
+            self._kept[victim].pop(0)
+            if not self._kept[victim]:
+                del self._kept[victim]
+            self._kept_bytes -= victim
+
+    def take(self, size: int) -> torch.Tensor | None:
+        """A kept buffer of ``size`` bytes for a tensor just reserved, or None."""
+        with self._lock:
+            kept = self._kept.get(size)
+            if not kept:
+                return None
+            _, buffer = kept.pop()
+            if not kept:
+                del self._kept[size]
+            self._kept_bytes -= size
+            return buffer
+
+    def recycle(self, buffer: torch.Tensor) -> None:
+        """Keep a released buffer (nothing else holds it) if the budget has room for it."""
+        size = buffer.numel()
+        with self._lock:
+            if self._memory_bytes + self._kept_bytes + size <= self.memory_budget_bytes:
+                self._kept.setdefault(size, []).append((time.monotonic(), buffer))
+                self._kept_bytes += size
+
+    def trim(self, idle_s: float = 0.0) -> int:
+        """Drop kept buffers released more than ``idle_s`` ago; returns the bytes dropped."""
+        cutoff = time.monotonic() - idle_s
+        dropped = 0
+        with self._lock:
+            for size in list(self._kept):
+                fresh = [(t, b) for t, b in self._kept[size] if t > cutoff]
+                dropped += size * (len(self._kept[size]) - len(fresh))
+                if fresh:
+                    self._kept[size] = fresh
+                else:
+                    del self._kept[size]
+            self._kept_bytes -= dropped
+        return dropped
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
 
     def unreserve(self, size: int) -> None:
         with self._lock:

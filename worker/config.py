@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from dept_comm.parallel import DEFAULT_STREAMS, MAX_STREAMS
 from dept_comm.tls import channel_credentials, read_pem
 from dept_model.attention import ATTN_IMPLS
 
@@ -40,6 +41,7 @@ class WorkerConfig:
     reconnect_timeout_s: float = 300.0  # how long calls are retried while the server cannot be reached
     min_bandwidth_mbps: float = 1.0  # a pull or push slower than this for a whole chunk is stalled
     progress_interval_s: float = 10.0  # long pulls, pushes and inner-step loops log progress this often
+    streams: int = DEFAULT_STREAMS  # concurrent gRPC streams per pull and push (dept_comm.parallel)
     compile: bool = False
     overlap: bool = False  # train round r+1 while round r's update travels (worker/overlap.py)
     attn: str = "auto"  # auto | flex | sdpa (dept_model.attention): ALiBi through FlexAttention or SDPA
@@ -55,6 +57,8 @@ class WorkerConfig:
             raise ValueError("source must be a non-empty source id, e.g. sw")
         if not self.progress_interval_s > 0:
             raise ValueError(f"progress_interval_s must be > 0, got {self.progress_interval_s}")
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise ValueError(f"streams must be in [1, {MAX_STREAMS}], got {self.streams}")
         if not self.min_bandwidth_mbps > 0:
             raise ValueError(f"min_bandwidth_mbps must be > 0, got {self.min_bandwidth_mbps}")
         for field, value in (("inner_steps", self.inner_steps), ("batch_size", self.batch_size)):

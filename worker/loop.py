@@ -201,6 +201,7 @@ def connect(config: WorkerConfig) -> ServerClient:
         server_name=config.tls_server_name,
         stream_idle_s=stream_idle_for(config.min_bandwidth_mbps),
         progress_interval_s=config.progress_interval_s,
+        streams=config.streams,
     )
 
 

@@ -20,6 +20,7 @@ from dept_comm.channel import (
 )
 from dept_comm.errors import DeptError, ServerUnreachableError
 from dept_comm.frames import StreamItem, WireItem, as_message
+from dept_comm.parallel import MAX_STREAMS, pull_striped, push_striped
 from dept_comm.pb import service_pb2
 from dept_comm.progress import DEFAULT_INTERVAL_S, TransferProgress, size_of
 from dept_comm.pull_resume import PullProgress
@@ -59,6 +60,7 @@ class ServerClient:
         server_name: str | None = None,
         stream_idle_s: float | None = None,
         progress_interval_s: float = DEFAULT_INTERVAL_S,
+        streams: int = 1,
     ) -> None:
         """Open the channel: TLS with ``credentials`` (``server_name`` overrides the name the server
         certificate must carry), plaintext without; ``token`` goes along as a bearer token either way.
@@ -67,8 +69,12 @@ class ServerClient:
         hours); one is cancelled and retried once no message moved for ``stream_idle_s`` (default:
         what a 1 MiB chunk needs at 1 Mbit/s, with 3x slack: 25 s). A pull or push that lasts
         longer than ``progress_interval_s`` logs its bytes, rate and ETA that often
-        (``dept_comm.progress``).
+        (``dept_comm.progress``). ``streams`` > 1 spreads each pull and push over that many
+        concurrent streams (``dept_comm.parallel``).
         """
+        if not 1 <= streams <= MAX_STREAMS:
+            raise ValueError(f"streams must be in [1, {MAX_STREAMS}], got {streams}")
+        self.streams = streams
         self.target = target
         self._channel = open_channel(target, credentials=credentials, server_name=server_name)
         self._stub = ParameterServerStub(self._channel)
@@ -122,8 +128,13 @@ class ServerClient:
         return reply
 
     def pull(self, request: service_pb2.PullRequest) -> list[WireItem]:
-        """Receive a whole pull stream; a cut or stalled stream goes on from its first missing
-        chunk (see ``dept_comm.pull_resume``)."""
+        """Receive a whole pull stream (over ``streams`` stripes at once); a cut or stalled stream
+        goes on from its first missing chunk (see ``dept_comm.pull_resume``)."""
+        if self.streams == 1:
+            return self._pull_stream(request)
+        return pull_striped(self._pull_stream, request, self.streams)
+
+    def _pull_stream(self, request: service_pb2.PullRequest) -> list[WireItem]:
         progress = PullProgress(request)
         watch = TransferProgress("pull", interval_s=self.progress_interval_s)
 
@@ -141,7 +152,20 @@ class ServerClient:
         return messages
 
     def push(self, messages: Sequence[StreamItem]) -> service_pb2.PushReceipt:
-        """Stream an upload (open first); after a cut, resend only what the server does not hold.
+        """Stream an upload (open first; over ``streams`` stripes at once); after a cut, resend
+        only what the server does not hold."""
+        if self.streams == 1:
+            return self._push_stream(messages)
+        opened = as_message(messages[0]).open
+        return push_striped(
+            self._push_stream,
+            messages,
+            self.streams,
+            query=lambda: self.query_upload(opened.sender_id, opened.upload_id),
+        )
+
+    def _push_stream(self, messages: Sequence[StreamItem]) -> service_pb2.PushReceipt:
+        """One stream of an upload (open first); after a cut, resend only what the server lacks.
 
         Each retry asks ``QueryUpload`` for the server's receipt and sends the open plus the
         chunks it lacks; if the server has no such upload (it never saw the open, or dropped the

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dept_comm.pb import tensor_pb2 as dept__comm_dot_pb_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65pt_comm/pb/service.proto\x12\x07\x64\x65pt.v1\x1a\x19\x64\x65pt_comm/pb/tensor.proto\"\xd2\x01\n\tRoundInfo\x12\x11\n\tround_idx\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ody_digest\x18\x03 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12 \n\x05state\x18\x06 \x01(\x0e\x32\x11.dept.v1.RunState\x12\x11\n\tcommitted\x18\x07 \x01(\x08\x12\x12\n\nnum_rounds\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x64mitted_round\x18\x1e \x01(\x04J\x04\x08\x04\x10\x05R\x0bschema_hash\"\xfd\x01\n\x0bJoinRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\x12\x13\n\x0bworker_name\x18\x05 \x01(\t\x12\x38\n\nattributes\x18\x07 \x03(\x0b\x32$.dept.v1.JoinRequest.AttributesEntry\x12\x19\n\x11\x61ttributes_schema\x18\x08 \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07R\x05tokenR\x07variantR\x0cvocab_digest\"\xb0\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0frun_config_json\x18\x02 \x01(\t\x12!\n\x05round\x18\x03 \x01(\x0b\x32\x12.dept.v1.RoundInfo\x12\x10\n\x08\x63odec_up\x18\x04 \x01(\t\x12\x12\n\ncodec_down\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x1e \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x1f \x01(\r\"\xb9\x01\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tround_idx\x18\x02 \x01(\x04\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x04 \x01(\x08\x12\x0f\n\x07row_ids\x18\x05 \x03(\x03\x12\x17\n\x0fresume_from_seq\x18\x14 \x01(\x04\x12\x18\n\x10resume_upload_id\x18\x15 \x01(\t\x12\x1c\n\x14resume_target_digest\x18\x16 \x01(\x0c\"Z\n\x0bPushReceipt\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x04\x12\x14\n\x0cmissing_seqs\x18\x03 \x03(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c\":\n\x12QueryUploadRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"\xf0\x01\n\x13\x43ommitUpdateRequest\x12\x1f\n\x06\x63ommit\x18\x01 \x01(\x0b\x32\x0f.dept.v1.Commit\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tround_idx\x18\x03 \x01(\x04\x12\x12\n\ntrain_loss\x18\x04 \x01(\x02\x12\x12\n\nnum_tokens\x18\x05 \x01(\x04\x12:\n\x07metrics\x18\x06 \x03(\x0b\x32).dept.v1.CommitUpdateRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"E\n\x0b\x43ommitReply\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x11\n\tround_idx\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\"L\n\x10WaitRoundRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tround_idx\x18\x02 \x01(\x04\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"\'\n\x12WatchRoundsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\xc2\x01\n\nRoundEvent\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.dept.v1.RoundEvent.Kind\x12!\n\x05round\x18\x02 \x01(\x0b\x32\x12.dept.v1.RoundInfo\"i\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_OPENED\x10\x01\x12\x11\n\rKIND_FINISHED\x10\x03\"\x04\x08\x02\x10\x02\"\x04\x08\x04\x10\x04*\x0bKIND_CLOSED*\x0eKIND_ABANDONED\"T\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\tround_idxR\x04stepR\ntrain_loss\"3\n\x0eHeartbeatReply\x12!\n\x05round\x18\x01 \x01(\x0b\x32\x12.dept.v1.RoundInfo\"\x96\x01\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x33\n\x07metrics\x18\x03 \x03(\x0b\x32\".dept.v1.LeaveRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0c\n\nLeaveReply*T\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x16\n\x12RUN_STATE_FINISHED\x10\x02\x32\xb8\x04\n\x0fParameterServer\x12\x30\n\x04Join\x12\x14.dept.v1.JoinRequest\x1a\x12.dept.v1.JoinReply\x12:\n\x08PullBody\x12\x14.dept.v1.PullRequest\x1a\x16.dept.v1.StreamMessage0\x01\x12<\n\nPushUpdate\x12\x16.dept.v1.StreamMessage\x1a\x14.dept.v1.PushReceipt(\x01\x12@\n\x0bQueryUpload\x12\x1b.dept.v1.QueryUploadRequest\x1a\x14.dept.v1.PushReceipt\x12\x42\n\x0c\x43ommitUpdate\x12\x1c.dept.v1.CommitUpdateRequest\x1a\x14.dept.v1.CommitReply\x12:\n\tWaitRound\x12\x19.dept.v1.WaitRoundRequest\x1a\x12.dept.v1.RoundInfo\x12\x41\n\x0bWatchRounds\x12\x1b.dept.v1.WatchRoundsRequest\x1a\x13.dept.v1.RoundEvent0\x01\x12?\n\tHeartbeat\x12\x19.dept.v1.HeartbeatRequest\x1a\x17.dept.v1.HeartbeatReply\x12\x33\n\x05Leave\x12\x15.dept.v1.LeaveRequest\x1a\x13.dept.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65pt_comm/pb/service.proto\x12\x07\x64\x65pt.v1\x1a\x19\x64\x65pt_comm/pb/tensor.proto\"\xd2\x01\n\tRoundInfo\x12\x11\n\tround_idx\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ody_digest\x18\x03 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12 \n\x05state\x18\x06 \x01(\x0e\x32\x11.dept.v1.RunState\x12\x11\n\tcommitted\x18\x07 \x01(\x08\x12\x12\n\nnum_rounds\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x64mitted_round\x18\x1e \x01(\x04J\x04\x08\x04\x10\x05R\x0bschema_hash\"\xfd\x01\n\x0bJoinRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\x12\x13\n\x0bworker_name\x18\x05 \x01(\t\x12\x38\n\nattributes\x18\x07 \x03(\x0b\x32$.dept.v1.JoinRequest.AttributesEntry\x12\x19\n\x11\x61ttributes_schema\x18\x08 \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07R\x05tokenR\x07variantR\x0cvocab_digest\"\xb0\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0frun_config_json\x18\x02 \x01(\t\x12!\n\x05round\x18\x03 \x01(\x0b\x32\x12.dept.v1.RoundInfo\x12\x10\n\x08\x63odec_up\x18\x04 \x01(\t\x12\x12\n\ncodec_down\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x1e \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x1f \x01(\r\"\x91\x02\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tround_idx\x18\x02 \x01(\x04\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x04 \x01(\x08\x12\x0f\n\x07row_ids\x18\x05 \x03(\x03\x12\x17\n\x0fresume_from_seq\x18\x14 \x01(\x04\x12\x18\n\x10resume_upload_id\x18\x15 \x01(\t\x12\x1c\n\x14resume_target_digest\x18\x16 \x01(\x0c\x12\x19\n\x0cstream_index\x18\x17 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cstream_count\x18\x18 \x01(\rH\x01\x88\x01\x01\x42\x0f\n\r_stream_indexB\x0f\n\r_stream_count\"Z\n\x0bPushReceipt\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x04\x12\x14\n\x0cmissing_seqs\x18\x03 \x03(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c\":\n\x12QueryUploadRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"\xf0\x01\n\x13\x43ommitUpdateRequest\x12\x1f\n\x06\x63ommit\x18\x01 \x01(\x0b\x32\x0f.dept.v1.Commit\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tround_idx\x18\x03 \x01(\x04\x12\x12\n\ntrain_loss\x18\x04 \x01(\x02\x12\x12\n\nnum_tokens\x18\x05 \x01(\x04\x12:\n\x07metrics\x18\x06 \x03(\x0b\x32).dept.v1.CommitUpdateRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"E\n\x0b\x43ommitReply\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x11\n\tround_idx\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\"L\n\x10WaitRoundRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tround_idx\x18\x02 \x01(\x04\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"\'\n\x12WatchRoundsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\xc2\x01\n\nRoundEvent\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.dept.v1.RoundEvent.Kind\x12!\n\x05round\x18\x02 \x01(\x0b\x32\x12.dept.v1.RoundInfo\"i\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_OPENED\x10\x01\x12\x11\n\rKIND_FINISHED\x10\x03\"\x04\x08\x02\x10\x02\"\x04\x08\x04\x10\x04*\x0bKIND_CLOSED*\x0eKIND_ABANDONED\"T\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\tround_idxR\x04stepR\ntrain_loss\"3\n\x0eHeartbeatReply\x12!\n\x05round\x18\x01 \x01(\x0b\x32\x12.dept.v1.RoundInfo\"\x96\x01\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x33\n\x07metrics\x18\x03 \x03(\x0b\x32\".dept.v1.LeaveRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0c\n\nLeaveReply*T\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x16\n\x12RUN_STATE_FINISHED\x10\x02\x32\xb8\x04\n\x0fParameterServer\x12\x30\n\x04Join\x12\x14.dept.v1.JoinRequest\x1a\x12.dept.v1.JoinReply\x12:\n\x08PullBody\x12\x14.dept.v1.PullRequest\x1a\x16.dept.v1.StreamMessage0\x01\x12<\n\nPushUpdate\x12\x16.dept.v1.StreamMessage\x1a\x14.dept.v1.PushReceipt(\x01\x12@\n\x0bQueryUpload\x12\x1b.dept.v1.QueryUploadRequest\x1a\x14.dept.v1.PushReceipt\x12\x42\n\x0c\x43ommitUpdate\x12\x1c.dept.v1.CommitUpdateRequest\x1a\x14.dept.v1.CommitReply\x12:\n\tWaitRound\x12\x19.dept.v1.WaitRoundRequest\x1a\x12.dept.v1.RoundInfo\x12\x41\n\x0bWatchRounds\x12\x1b.dept.v1.WatchRoundsRequest\x1a\x13.dept.v1.RoundEvent0\x01\x12?\n\tHeartbeat\x12\x19.dept.v1.HeartbeatRequest\x1a\x17.dept.v1.HeartbeatReply\x12\x33\n\x05Leave\x12\x15.dept.v1.LeaveRequest\x1a\x13.dept.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITUPDATEREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_LEAVEREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_LEAVEREQUEST_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1990
-  _globals['_RUNSTATE']._serialized_end=2074
+  _globals['_RUNSTATE']._serialized_start=2078
+  _globals['_RUNSTATE']._serialized_end=2162
   _globals['_ROUNDINFO']._serialized_start=67
   _globals['_ROUNDINFO']._serialized_end=277
   _globals['_JOINREQUEST']._serialized_start=280
@@ -49,35 +49,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREPLY']._serialized_start=536
   _globals['_JOINREPLY']._serialized_end=712
   _globals['_PULLREQUEST']._serialized_start=715
-  _globals['_PULLREQUEST']._serialized_end=900
-  _globals['_PUSHRECEIPT']._serialized_start=902
-  _globals['_PUSHRECEIPT']._serialized_end=992
-  _globals['_QUERYUPLOADREQUEST']._serialized_start=994
-  _globals['_QUERYUPLOADREQUEST']._serialized_end=1052
-  _globals['_COMMITUPDATEREQUEST']._serialized_start=1055
-  _globals['_COMMITUPDATEREQUEST']._serialized_end=1295
-  _globals['_COMMITUPDATEREQUEST_METRICSENTRY']._serialized_start=1249
-  _globals['_COMMITUPDATEREQUEST_METRICSENTRY']._serialized_end=1295
-  _globals['_COMMITREPLY']._serialized_start=1297
-  _globals['_COMMITREPLY']._serialized_end=1366
-  _globals['_WAITROUNDREQUEST']._serialized_start=1368
-  _globals['_WAITROUNDREQUEST']._serialized_end=1444
-  _globals['_WATCHROUNDSREQUEST']._serialized_start=1446
-  _globals['_WATCHROUNDSREQUEST']._serialized_end=1485
-  _globals['_ROUNDEVENT']._serialized_start=1488
-  _globals['_ROUNDEVENT']._serialized_end=1682
-  _globals['_ROUNDEVENT_KIND']._serialized_start=1577
-  _globals['_ROUNDEVENT_KIND']._serialized_end=1682
-  _globals['_HEARTBEATREQUEST']._serialized_start=1684
-  _globals['_HEARTBEATREQUEST']._serialized_end=1768
-  _globals['_HEARTBEATREPLY']._serialized_start=1770
-  _globals['_HEARTBEATREPLY']._serialized_end=1821
-  _globals['_LEAVEREQUEST']._serialized_start=1824
-  _globals['_LEAVEREQUEST']._serialized_end=1974
-  _globals['_LEAVEREQUEST_METRICSENTRY']._serialized_start=1249
-  _globals['_LEAVEREQUEST_METRICSENTRY']._serialized_end=1295
-  _globals['_LEAVEREPLY']._serialized_start=1976
-  _globals['_LEAVEREPLY']._serialized_end=1988
-  _globals['_PARAMETERSERVER']._serialized_start=2077
-  _globals['_PARAMETERSERVER']._serialized_end=2645
+  _globals['_PULLREQUEST']._serialized_end=988
+  _globals['_PUSHRECEIPT']._serialized_start=990
+  _globals['_PUSHRECEIPT']._serialized_end=1080
+  _globals['_QUERYUPLOADREQUEST']._serialized_start=1082
+  _globals['_QUERYUPLOADREQUEST']._serialized_end=1140
+  _globals['_COMMITUPDATEREQUEST']._serialized_start=1143
+  _globals['_COMMITUPDATEREQUEST']._serialized_end=1383
+  _globals['_COMMITUPDATEREQUEST_METRICSENTRY']._serialized_start=1337
+  _globals['_COMMITUPDATEREQUEST_METRICSENTRY']._serialized_end=1383
+  _globals['_COMMITREPLY']._serialized_start=1385
+  _globals['_COMMITREPLY']._serialized_end=1454
+  _globals['_WAITROUNDREQUEST']._serialized_start=1456
+  _globals['_WAITROUNDREQUEST']._serialized_end=1532
+  _globals['_WATCHROUNDSREQUEST']._serialized_start=1534
+  _globals['_WATCHROUNDSREQUEST']._serialized_end=1573
+  _globals['_ROUNDEVENT']._serialized_start=1576
+  _globals['_ROUNDEVENT']._serialized_end=1770
+  _globals['_ROUNDEVENT_KIND']._serialized_start=1665
+  _globals['_ROUNDEVENT_KIND']._serialized_end=1770
+  _globals['_HEARTBEATREQUEST']._serialized_start=1772
+  _globals['_HEARTBEATREQUEST']._serialized_end=1856
+  _globals['_HEARTBEATREPLY']._serialized_start=1858
+  _globals['_HEARTBEATREPLY']._serialized_end=1909
+  _globals['_LEAVEREQUEST']._serialized_start=1912
+  _globals['_LEAVEREQUEST']._serialized_end=2062
+  _globals['_LEAVEREQUEST_METRICSENTRY']._serialized_start=1337
+  _globals['_LEAVEREQUEST_METRICSENTRY']._serialized_end=1383
+  _globals['_LEAVEREPLY']._serialized_start=2064
+  _globals['_LEAVEREPLY']._serialized_end=2076
+  _globals['_PARAMETERSERVER']._serialized_start=2165
+  _globals['_PARAMETERSERVER']._serialized_end=2733
 # @@protoc_insertion_point(module_scope)

@@ -206,6 +206,8 @@ class PullRequest(_message.Message):
     RESUME_FROM_SEQ_FIELD_NUMBER: _builtins.int
     RESUME_UPLOAD_ID_FIELD_NUMBER: _builtins.int
     RESUME_TARGET_DIGEST_FIELD_NUMBER: _builtins.int
+    STREAM_INDEX_FIELD_NUMBER: _builtins.int
+    STREAM_COUNT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     round_idx: _builtins.int
     have_version: _builtins.int
@@ -219,6 +221,15 @@ class PullRequest(_message.Message):
     """
     resume_upload_id: _builtins.str
     resume_target_digest: _builtins.bytes
+    stream_index: _builtins.int
+    """A pull spread over several concurrent streams: this stream is stripe stream_index of
+    stream_count, and carries the open, the chunks whose seq % stream_count == stream_index, and
+    the commit. The client merges the stripes and verifies them as one stream. Unset count: one
+    stream (everything). An explicit count of 0, a count over the server's limit, or an index not
+    below the count is refused with INVALID_ARGUMENT. A resume (fields 20-22) names the first seq
+    this stripe still lacks.
+    """
+    stream_count: _builtins.int
     @_builtins.property
     def row_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The rows this participant holds of the server's row-subset tensor, if it runs one (DEPT's
@@ -236,12 +247,21 @@ class PullRequest(_message.Message):
         resume_from_seq: _builtins.int = ...,
         resume_upload_id: _builtins.str = ...,
         resume_target_digest: _builtins.bytes = ...,
+        stream_index: _builtins.int | None = ...,
+        stream_count: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream_count", b"_stream_count", "_stream_index", b"_stream_index", "stream_count", b"stream_count", "stream_index", b"stream_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "have_version", b"have_version", "resume_from_seq", b"resume_from_seq", "resume_target_digest", b"resume_target_digest", "resume_upload_id", b"resume_upload_id", "round_idx", b"round_idx", "row_ids", b"row_ids", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream_count", b"_stream_count", "_stream_index", b"_stream_index", "full", b"full", "have_version", b"have_version", "resume_from_seq", b"resume_from_seq", "resume_target_digest", b"resume_target_digest", "resume_upload_id", b"resume_upload_id", "round_idx", b"round_idx", "row_ids", b"row_ids", "stream_count", b"stream_count", "stream_index", b"stream_index", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__stream_count: _TypeAlias = _typing.Literal["stream_count"]  # noqa: Y015
+    _WhichOneofArgType__stream_count: _TypeAlias = _typing.Literal["_stream_count", b"_stream_count"]  # noqa: Y015
+    _WhichOneofReturnType__stream_index: _TypeAlias = _typing.Literal["stream_index"]  # noqa: Y015
+    _WhichOneofArgType__stream_index: _TypeAlias = _typing.Literal["_stream_index", b"_stream_index"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_count) -> _WhichOneofReturnType__stream_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_index) -> _WhichOneofReturnType__stream_index | None: ...
 
 Global___PullRequest: _TypeAlias = PullRequest  # noqa: Y015
 

@@ -29,6 +29,7 @@ from dept_comm.errors import (
 )
 from dept_comm.frames import StreamItem
 from dept_comm.outer import build_outer
+from dept_comm.parallel import stripe_of
 from dept_comm.pb import service_pb2
 from dept_comm.progress import InflightTransfers
 from dept_comm.staging import StagingArea
@@ -270,6 +271,7 @@ class ServerApp(UploadPath, RoundClosing):
             resume_from_seq=req.resume_from_seq,
             resume_upload_id=req.resume_upload_id,
             resume_target_digest=req.resume_target_digest,
+            stripe=stripe_of(req),  # InvalidInputError for bad stripe values
         )
         meter = self._worker_round(req.worker_id, round_idx).down
         return metered(messages, meter)

@@ -32,6 +32,7 @@ from dept_comm.digest import Group, tensors_digest
 from dept_comm.frames import ChunkFrame, StreamItem
 from dept_comm.manifest import build_header, chunk_checksums, tensor_payload
 from dept_comm.names import EMB_IDS, EMB_ROWS
+from dept_comm.parallel import in_stripe
 from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.streaming import StreamConfig, StreamOpenInfo
 
@@ -69,8 +70,11 @@ def _frames(
     payload: memoryview,
     step: int,
     start: int = 0,
+    stripe: tuple[int, int] = (0, 1),
 ) -> Iterator[ChunkFrame]:
     for k in range(start, t.num_chunks):
+        if not in_stripe(first_seq + k, *stripe):
+            continue
         checksum = t.checksums[k]
         yield ChunkFrame.build(
             upload_id=upload_id,
@@ -207,9 +211,11 @@ class Downlink:
         resume_from_seq: int = 0,
         resume_upload_id: str = "",
         resume_target_digest: bytes = b"",
+        stripe: tuple[int, int] = (0, 1),
     ) -> Iterator[StreamItem]:
         """The open, the chunks (from ``resume_from_seq`` when the resume names this very
-        stream), the commit; lazily, one chunk at a time."""
+        stream; only those of ``stripe``, (index, count): see ``dept_comm.parallel``), the commit;
+        lazily, one chunk at a time."""
         base = self._delta if delta else self._full
         assert base is not None, "no delta at this version"
         tensors: list[EncodedTensor] = list(base)
@@ -242,10 +248,10 @@ class Downlink:
                 continue
             start = max(0, skip - seq)
             if t.frames is not None:
-                yield from t.frames[start:]
+                yield from (f for f in t.frames[start:] if in_stripe(f.seq, *stripe))
             else:
                 assert t.payload is not None
-                yield from _frames(info.upload_id, seq, idx, t, t.payload, self._step, start)
+                yield from _frames(info.upload_id, seq, idx, t, t.payload, self._step, start, stripe)
             seq += n
         yield pb.StreamMessage(
             commit=pb.Commit(

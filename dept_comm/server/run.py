@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2
 from dept_comm.channel import bind, build_server, server_options
 from dept_comm.memory import keep_freed_memory, release_freed_memory
 from dept_comm.service import SERVICE_NAME, add_parameter_server
+from dept_comm.staging import STAGING_KEEP_S
 from dept_comm.tls import server_credentials
 
 from .app import ServerApp
@@ -206,6 +207,7 @@ def start_server(
             app.maybe_close()
             ticks += 1
             if ticks % TRIM_EVERY_TICKS == 0:
+                app.staging.trim(STAGING_KEEP_S)  # staging buffers no upload reused for a while
                 release_freed_memory()  # freed chunk and staging buffers go back to the system
 
     ticker = threading.Thread(target=tick, name="round-ticker", daemon=True)

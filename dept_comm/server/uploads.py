@@ -83,6 +83,8 @@ class UploadPath(AppState):
                 rx.add(first)
                 entry = (worker_id, info.round_idx, rx)
                 self._uploads[info.upload_id] = entry
+            else:  # a resumed stream, or another stripe of a multi-stream push: the same open
+                entry[2].add(first)
         rx = entry[2]
         touched = time.monotonic()
         for msg in metered(it, meter):
