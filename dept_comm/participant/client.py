@@ -193,8 +193,10 @@ class ServerClient:
                     )
             stream: Iterable[StreamItem] = todo
             total: int | None = None
-            if isinstance(todo, PipelinedUpload) and not todo.done:
+            if isinstance(todo, PipelinedUpload):
+                done = todo.done
                 stream = todo.follow()  # sent as it is encoded
+                total = sum(size_of(m) for m in todo) if done else None
             else:
                 # Sized by index: iterating ``todo`` is what sends it (a caller may hand in a sequence
                 # whose iteration is the stream itself).
