@@ -35,6 +35,8 @@ CONCURRENT_CHECKS = 2
 class UploadPath(AppState):
     """Push, QueryUpload and CommitUpdate (part of ServerApp)."""
 
+    check_on_arrival = True  # check each tensor as its last chunk arrives (False: all at the commit)
+
     def push(self, messages: Iterable[WireItem]) -> service_pb2.PushReceipt:
         it = iter(messages)
         first = next(it, None)
@@ -81,7 +83,7 @@ class UploadPath(AppState):
                     staging=self.staging.upload(),
                     # Each tensor is checked as its last chunk arrives (one decoded tensor per
                     # check slot); the commit then only verifies its digest and reads the norms.
-                    check_on_arrival=True,
+                    check_on_arrival=self.check_on_arrival,
                     check_slots=self._checks,
                 )
                 rx.add(first)
