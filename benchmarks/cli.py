@@ -20,6 +20,7 @@ _BENCHMARKS = {
     "codecs-quality": "dept_bench.codecs_quality",
     "link": "dept_bench.link",
     "overlap": "dept_bench.overlap",
+    "pipeline": "dept_bench.pipeline",
 }
 
 

@@ -11,6 +11,8 @@ the replica's digest after applying it), so a resumed pull is exactly as trustwo
 
 from __future__ import annotations
 
+from typing import Literal
+
 from dept_comm.frames import Undecodable, WireItem, as_message, chunk_of, kind_of
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
@@ -45,24 +47,27 @@ class PullProgress:
         request.resume_target_digest = self._open.target_digest
         return request
 
-    def add(self, msg: WireItem) -> None:
-        """Take one message of the current attempt."""
+    def add(self, msg: WireItem) -> Literal["kept", "afresh"] | None:
+        """Take one message of the current attempt: "kept" (held after what was), "afresh" (the
+        open of another stream: what was held is dropped), or None (already held, not kept)."""
         if isinstance(msg, Undecodable):
             self._held.append(msg)  # the receiver refuses it with the reason
-            return
+            return "kept"
         kind = kind_of(msg)
         if kind == "open":
             opened = as_message(msg).open
             if self._open is not None and opened == self._open:
-                return  # the same stream again: go on with what is held
+                return None  # the same stream again: go on with what is held
+            afresh = self._open is not None
             self._open, self._held, self._next_seq = opened, [msg], 0  # another stream: afresh
-            return
+            return "afresh" if afresh else "kept"
         chunk = chunk_of(msg)
         if chunk is not None:
             if chunk.seq < self._next_seq:
-                return  # already held (a server that did not skip)
+                return None  # already held (a server that did not skip)
             self._next_seq = chunk.seq + 1
         self._held.append(msg)
+        return "kept"
 
     def messages(self) -> list[WireItem]:
         """Everything held: the open, the chunks in order, and the commit once it came."""

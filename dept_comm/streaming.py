@@ -7,7 +7,9 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xxhash
@@ -50,11 +52,13 @@ from dept_comm.manifest import (
 )
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.pipeline import ArrivalChecks, squared_norm
 from dept_comm.staging import UploadStaging
 
 __all__ = [
     "PULL_LIMITS",
     "ReceiveLimits",
+    "PullReceiver",
     "StreamConfig",
     "StreamOpenInfo",
     "StreamReceiver",
@@ -187,6 +191,10 @@ class StreamReceiver:
         expected_upload_id: str | None = None,
         require_all: bool = True,
         staging: UploadStaging | None = None,
+        check_on_arrival: bool = False,
+        check_slots: AbstractContextManager[Any] | None = None,
+        decode_on_arrival: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         """Args:
         manifest: expected tensors; headers must match it (names, shapes, dtypes, groups).
@@ -195,6 +203,11 @@ class StreamReceiver:
         require_all: with a manifest, the commit must cover every manifest tensor.
         staging: where encoded bytes wait (memory within a budget, else a file); default memory.
             The receiver closes it once every tensor was decoded, or on ``discard``.
+        check_on_arrival: check each tensor (digest, decode, shape, finite, norm) as its last chunk
+            arrives, under ``check_slots``; ``validate`` then raises what those checks found and
+            reads their norms (``dept_comm.pipeline.ArrivalChecks``).
+        decode_on_arrival: decode each tensor (on ``device``) as its last chunk arrives, releasing
+            its staging; ``tensors()`` still yields them only after a verified commit (pulls).
         """
         self._manifest = manifest
         self._limits = limits
@@ -213,6 +226,9 @@ class StreamReceiver:
         self._commit: pb.Commit | None = None
         self._discarded = False
         self._decoding = False
+        self._checks = ArrivalChecks(check_slots) if check_on_arrival else None
+        self._decode_on_arrival, self._device = decode_on_arrival, device
+        self._decoded: dict[int, torch.Tensor] = {}
 
     @property
     def open_info(self) -> StreamOpenInfo | None:
@@ -236,16 +252,34 @@ class StreamReceiver:
         if isinstance(msg, Undecodable):
             raise MalformedMessageError(f"a message of {msg.size} bytes is not a StreamMessage: {msg.reason}")
         chunk, kind = chunk_of(msg), kind_of(msg)
+        completed = None
         with self._lock:
             self._check_live()
             if chunk is not None:
-                self._add_chunk(chunk, header_of(chunk))
+                completed = self._add_chunk(chunk, header_of(chunk))
             elif kind == "open":
                 self._add_open(as_message(msg).open)
             elif kind == "commit":
                 self._commit_locked(as_message(msg).commit)
             else:
                 raise StreamOrderError("stream message with no open, chunk or commit set")
+        if completed is not None:
+            self._on_arrival(completed)
+
+    def _on_arrival(self, idx: int) -> None:
+        """Tensor ``idx``'s last chunk arrived: check or decode it now (the options)."""
+        finite = self._limits.require_finite
+        if self._checks is not None:
+            # The slot before the lock, as validate() takes them: no lock-order inversion.
+            with self._checks.slots, self._lock:
+                if not self._discarded and not self._decoding:
+                    self._checks.run(idx, self._tensors[idx], finite)
+        elif self._decode_on_arrival:
+            with self._lock:
+                self._check_live()
+                stage = self._tensors[idx]
+                self._decoded[idx] = stage.decode(finite, self._device)
+                self._staged_bytes -= stage.encoded_bytes
 
     def _add_open(self, o: pb.StreamOpen) -> None:
         if self._open is not None:
@@ -266,7 +300,8 @@ class StreamReceiver:
         self._open.CopyFrom(o)
         self._info = StreamOpenInfo.from_pb(o)
 
-    def _add_chunk(self, c: pb.TensorChunk | ChunkFrame, header: pb.TensorHeader | None) -> None:
+    def _add_chunk(self, c: pb.TensorChunk | ChunkFrame, header: pb.TensorHeader | None) -> int | None:
+        """Check and stage one chunk; returns its tensor's index if this chunk completed it."""
         o = self._open
         if o is None:
             raise StreamOrderError("chunk before the stream's open")
@@ -283,7 +318,7 @@ class StreamReceiver:
         held = self._held.get(c.seq)
         if held is not None:
             self._check_duplicate(c, held, data)
-            return
+            return None
         if self._commit is not None:
             raise StreamOrderError(f"new chunk seq={c.seq} after the commit")
         if c.seq > self._max_seq + MAX_SEQ_AHEAD:
@@ -325,6 +360,7 @@ class StreamReceiver:
         self._staged_bytes += len(data)
         self._held[c.seq] = (c.tensor_idx, c.chunk_idx)
         self._max_seq = max(self._max_seq, c.seq)
+        return c.tensor_idx if len(stage.held) == stage.num_chunks else None
 
     def _check_duplicate(
         self, c: pb.TensorChunk | ChunkFrame, held: tuple[int, int], data: bytes | memoryview
@@ -435,8 +471,10 @@ class StreamReceiver:
         try:
             for idx in range(len(self._tensors)):
                 stage = self._tensors[idx]
-                out = stage.decode(self._limits.require_finite, device)
-                self._staged_bytes -= stage.encoded_bytes
+                out = self._decoded.pop(idx, None)
+                if out is None:
+                    out = stage.decode(self._limits.require_finite, device)
+                    self._staged_bytes -= stage.encoded_bytes
                 yield stage.spec, out
                 del out  # the consumer's reference is the only one while it asks for the next
         finally:
@@ -454,6 +492,9 @@ class StreamReceiver:
         """Decode every committed tensor once to check it (digest, shape, finite values) and keep
         nothing decoded: memory is one tensor at a time. ``tensors()`` then decodes them for use.
 
+        With ``check_on_arrival``, tensors checked as they arrived are not decoded again: their
+        recorded error is raised (in tensor order) or their recorded norm is used.
+
         Returns:
             the L2 norm over the floating-point tensors (integer ones, e.g. row ids, left out),
             taken in the same pass, for outlier checks.
@@ -470,10 +511,16 @@ class StreamReceiver:
                 raise StreamOrderError("validate() after tensors(): nothing is left to check")
         squares = 0.0
         for idx in range(len(self._tensors)):
-            t = self._tensors[idx].decode(self._limits.require_finite, release=False)
-            if t.is_floating_point():
-                squares += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+            square = self._checks.result(idx) if self._checks is not None else None
+            if square is None:  # not checked on arrival (or not asked to): check it now
+                square = squared_norm(self._tensors[idx].decode(self._limits.require_finite, release=False))
+            squares += square
         return math.sqrt(squares)
+
+    @property
+    def checked_on_arrival(self) -> int:
+        """How many tensors were checked as their last chunk arrived."""
+        return len(self._checks) if self._checks is not None else 0
 
     def decode_all(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """Decode and validate every tensor, then return them by name (nothing on any failure)."""
@@ -487,6 +534,9 @@ class StreamReceiver:
             if self._staging is not None:
                 self._staging.close()
             self._tensors.clear()
+            self._decoded.clear()
+            if self._checks is not None:
+                self._checks.clear()
             self._held.clear()
             self._names.clear()
             self._staged_bytes = 0
@@ -497,6 +547,59 @@ class StreamReceiver:
             raise StreamOrderError("receiver was discarded (upload superseded or expired)")
 
 
+class PullReceiver:
+    """Receives a stream message by message (a pull as it arrives), decoding each tensor as soon as
+    its last chunk came, so decoding overlaps receiving; the tensors come out only after the commit
+    verified (``result``). ``restart`` drops what was held (the sender began another stream).
+    """
+
+    def __init__(
+        self,
+        *,
+        manifest: Manifest | None = None,
+        limits: ReceiveLimits = DEFAULT_LIMITS,
+        require_all: bool = True,
+        device: torch.device | None = None,
+    ) -> None:
+        self._manifest, self._limits, self._require_all, self._device = manifest, limits, require_all, device
+        self._rx = self._receiver()
+
+    def _receiver(self) -> StreamReceiver:
+        return StreamReceiver(
+            manifest=self._manifest,
+            limits=self._limits,
+            require_all=self._require_all,
+            decode_on_arrival=True,
+            device=self._device,
+        )
+
+    def add(self, msg: WireItem) -> None:
+        """Take the next message (see ``StreamReceiver.add``).
+
+        Raises:
+            StreamOrderError: a message after the commit; plus everything ``StreamReceiver.add`` raises.
+        """
+        if self._rx.committed and not isinstance(msg, Undecodable):
+            raise StreamOrderError(f"message {kind_of(msg)!r} after the commit")
+        self._rx.add(msg)
+
+    def restart(self) -> None:
+        """Forget everything held and decoded: another stream begins."""
+        self._rx.discard()
+        self._rx = self._receiver()
+
+    def result(self) -> tuple[StreamOpenInfo, dict[str, torch.Tensor]]:
+        """The stream's open info and its tensors by name, once it was committed.
+
+        Raises:
+            CommitMismatchError: the stream ended without a commit.
+        """
+        rx = self._rx
+        if not rx.committed or rx.open_info is None:
+            raise CommitMismatchError("stream ended without a commit")
+        return rx.open_info, rx.decode_all(self._device)
+
+
 def receive_stream(
     messages: Iterable[WireItem],
     *,
@@ -505,7 +608,8 @@ def receive_stream(
     require_all: bool = True,
     device: torch.device | None = None,
 ) -> tuple[StreamOpenInfo, dict[str, torch.Tensor]]:
-    """Read a whole stream (e.g. a pull) and return its open info and decoded tensors.
+    """Read a whole stream (e.g. a pull) and return its open info and decoded tensors; each tensor
+    is decoded as its last chunk arrives (``PullReceiver``), so a lazy ``messages`` overlaps both.
 
     ``device``: a CUDA device dequantises int8/int4 tensors there (see ``StreamReceiver.tensors``).
 
@@ -513,14 +617,10 @@ def receive_stream(
         CommitMismatchError: the stream ended without a commit.
         StreamOrderError: a message after the commit; plus everything ``StreamReceiver.add`` raises.
     """
-    rx = StreamReceiver(manifest=manifest, limits=limits, require_all=require_all)
+    rx = PullReceiver(manifest=manifest, limits=limits, require_all=require_all, device=device)
     for msg in messages:
-        if rx.committed and not isinstance(msg, Undecodable):
-            raise StreamOrderError(f"message {kind_of(msg)!r} after the commit")
         rx.add(msg)
-    if not rx.committed or rx.open_info is None:
-        raise CommitMismatchError("stream ended without a commit")
-    return rx.open_info, rx.decode_all(device)
+    return rx.result()
 
 
 def unsent(messages: Sequence[StreamItem], receipt: service_pb2.PushReceipt) -> list[StreamItem]:

@@ -136,6 +136,7 @@ class Worker(Session):
             train_s = time.monotonic() - t0
         messages = self.prepare_update(round_idx, loss=loss, tokens=tokens, metrics=metrics)
         if self.overlap is not None and self.overlap.has_next(round_idx):
+            self.finish_encoding()  # the saved error feedback is this round's whole update's
             self._save(round_idx)  # before the next round's steps move the model and the data
             self.overlap.train_ahead()
             self.push()

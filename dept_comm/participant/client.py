@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -22,6 +22,7 @@ from dept_comm.errors import DeptError, ServerUnreachableError
 from dept_comm.frames import StreamItem, WireItem, as_message
 from dept_comm.parallel import MAX_STREAMS, pull_striped, push_striped
 from dept_comm.pb import service_pb2
+from dept_comm.pipeline import PipelinedUpload
 from dept_comm.progress import DEFAULT_INTERVAL_S, TransferProgress, size_of
 from dept_comm.pull_resume import PullProgress
 from dept_comm.service import ParameterServerStub
@@ -32,6 +33,14 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 WATCH_REOPEN_S = 60.0  # a WatchRounds stream is reopened this often (it first sends the current round)
 _current_session: list[str] = []  # this process's latest session credential, for a Leave on a signal
+
+
+class PullSink(Protocol):
+    """Takes a pull's messages as they arrive (``dept_comm.streaming.PullReceiver``)."""
+
+    def add(self, msg: WireItem) -> None: ...
+
+    def restart(self) -> None: ...
 
 
 def current_session() -> str | None:
@@ -127,14 +136,24 @@ class ServerClient:
         _current_session[:] = [reply.session] if reply.session else []
         return reply
 
-    def pull(self, request: service_pb2.PullRequest) -> list[WireItem]:
+    def pull(self, request: service_pb2.PullRequest, *, sink: PullSink | None = None) -> list[WireItem]:
         """Receive a whole pull stream (over ``streams`` stripes at once); a cut or stalled stream
-        goes on from its first missing chunk (see ``dept_comm.pull_resume``)."""
+        goes on from its first missing chunk (see ``dept_comm.pull_resume``). ``sink`` gets each
+        message kept as it arrives (and ``restart`` when the server began another stream), so it
+        can decode while receiving; an error it raises cancels the pull and is raised. Striped
+        pulls are merged first, then handed to ``sink``."""
         if self.streams == 1:
-            return self._pull_stream(request)
-        return pull_striped(self._pull_stream, request, self.streams)
+            return self._pull_stream(request, sink=sink)
+        messages = pull_striped(self._pull_stream, request, self.streams)
+        if sink is not None:
+            for msg in messages:
+                sink.add(msg)
+        return messages
 
-    def _pull_stream(self, request: service_pb2.PullRequest) -> list[WireItem]:
+    def _pull_stream(
+        self, request: service_pb2.PullRequest, *, sink: PullSink | None = None
+    ) -> list[WireItem]:
+        """One pull stream (or one stripe of one), resumed after a cut; see ``pull``."""
         progress = PullProgress(request)
         watch = TransferProgress("pull", interval_s=self.progress_interval_s)
 
@@ -142,8 +161,15 @@ class ServerClient:
             with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
                 call = self._stub.PullBody(progress.next_request(), metadata=self._metadata)
                 guard.on_stall(call.cancel)
-                for msg in watch.wrap(guard.guarded(call)):
-                    progress.add(msg)
+                try:
+                    for msg in watch.wrap(guard.guarded(call)):
+                        kept = progress.add(msg)
+                        if sink is not None and kept is not None:
+                            if kept == "afresh":
+                                sink.restart()
+                            sink.add(msg)
+                finally:
+                    call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the stream ended
             return progress.messages()
 
         messages = self._call(once)
@@ -166,6 +192,10 @@ class ServerClient:
 
     def _push_stream(self, messages: Sequence[StreamItem]) -> service_pb2.PushReceipt:
         """One stream of an upload (open first); after a cut, resend only what the server lacks.
+
+        A :class:`~dept_comm.pipeline.PipelinedUpload` is sent as it is encoded (its first attempt
+        has no known total for progress); a retry waits for the whole of it. Its encoder's error
+        is raised once the stream ended.
 
         Each retry asks ``QueryUpload`` for the server's receipt and sends the open plus the
         chunks it lacks; if the server has no such upload (it never saw the open, or dropped the
@@ -193,15 +223,25 @@ class ServerClient:
                         len(todo) - 1,
                         len(messages) - 1,
                     )
-            # Sized by index: iterating ``todo`` is what sends it (a caller may hand in a sequence
-            # whose iteration is the stream itself).
-            total = sum(size_of(todo[i]) for i in range(len(todo)))
+            stream: Iterable[StreamItem] = todo
+            total: int | None = None
+            if isinstance(todo, PipelinedUpload):
+                done = todo.done
+                stream = todo.follow()  # sent as it is encoded
+                total = sum(size_of(m) for m in todo) if done else None
+            else:
+                # Sized by index: iterating ``todo`` is what sends it (a caller may hand in a sequence
+                # whose iteration is the stream itself).
+                total = sum(size_of(todo[i]) for i in range(len(todo)))
             watch = TransferProgress("push", total_bytes=total, interval_s=self.progress_interval_s)
             with StallGuard(self.stream_idle_s) as guard:  # a stall leaves as StalledStreamError
-                sent = watch.wrap(guard.guarded(iter(todo)))
+                sent = watch.wrap(guard.guarded(iter(stream)))
                 future = self._stub.PushUpdate.future(sent, metadata=self._metadata)
                 guard.on_stall(future.cancel)
-                return future.result()
+                receipt = future.result()
+            if isinstance(todo, PipelinedUpload):
+                todo.wait()  # an encoder's error: the stream ended early
+            return receipt
 
         return self._call(once)
 

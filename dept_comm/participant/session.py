@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -36,7 +36,8 @@ from dept_comm.errors import (
 from dept_comm.frames import StreamItem, as_message
 from dept_comm.names import default_group_of
 from dept_comm.pb import service_pb2
-from dept_comm.streaming import PULL_LIMITS, StreamOpenInfo, encode_stream, receive_stream
+from dept_comm.pipeline import PipelinedUpload
+from dept_comm.streaming import PULL_LIMITS, PullReceiver, StreamOpenInfo, encode_stream
 
 from .client import ServerClient
 from .replica import Replica
@@ -68,7 +69,11 @@ class Session:
         self.group_of: Callable[[str], Group] = default_group_of()
         self.codec_up: Codec = self._raw
         self.feedback = make_feedback(self.codec_up, self.device)
-        self.pending: tuple[int, list[StreamItem], service_pb2.CommitUpdateRequest] | None = None
+        # (round, the upload's open and chunks, its CommitUpdate; the commit is filled in once encoded)
+        self.pending: tuple[int, Sequence[StreamItem], service_pb2.CommitUpdateRequest] | None = None
+        # Encode the update on a background thread while it is sent (dept_comm.pipeline); False:
+        # encode all of it first, then send.
+        self.pipelined = True
         self.comm_s = {"pull_s": 0.0, "push_s": 0.0}  # this round's pull and push seconds (its log line)
         self._diverged = 0  # stale refusals in a row while the server held our version
         self._beat_s = 10.0
@@ -121,9 +126,10 @@ class Session:
                 row_ids=self.row_ids(),
             )
             # On a GPU, int8/int4 updates are dequantised there: the host copies packed bytes only.
-            info, tensors = receive_stream(
-                self.client.pull(request), limits=PULL_LIMITS, device=self.replica.device
-            )
+            # Each tensor is decoded as its last chunk arrives; the digests are verified at the end.
+            receiver = PullReceiver(limits=PULL_LIMITS, device=self.replica.device)
+            self.client.pull(request, sink=receiver)
+            info, tensors = receiver.result()
             self.check_pull(info, tensors)
             try:
                 self.replica.apply_pull(info, tensors)
@@ -145,6 +151,11 @@ class Session:
     def encode_update(self, round_idx: int) -> list[StreamItem]:
         """This round's update (the replica's delta) as an upload stream, float tensors through
         the error-feedback encoder with ``codec_up``, index tensors raw."""
+        return list(self.update_stream(round_idx))
+
+    def update_stream(self, round_idx: int) -> Iterator[StreamItem]:
+        """``encode_update`` as a lazy stream: the delta and the open are taken now, each tensor
+        is encoded (and its error feedback updated) as the stream is consumed."""
         delta = self.replica.delta()
         open_info = StreamOpenInfo(
             upload_id=f"{self.worker_id}-{round_idx}-{uuid.uuid4().hex[:12]}",
@@ -168,9 +179,7 @@ class Session:
             return codec.encode(t.cpu())
 
         groups = {k: self.group_of(k) for k in delta}
-        return list(
-            encode_stream(delta, open_info=open_info, codec=codec_for, groups=groups, encoder=encoder)
-        )
+        return encode_stream(delta, open_info=open_info, codec=codec_for, groups=groups, encoder=encoder)
 
     def prepare_update(
         self,
@@ -179,19 +188,32 @@ class Session:
         loss: float = float("nan"),
         tokens: int = 0,
         metrics: Mapping[str, float] | None = None,
-    ) -> list[StreamItem]:
-        """Encode this round's update and its commit; they become ``pending`` (what ``push`` sends)."""
-        messages = self.encode_update(round_idx)
+    ) -> Sequence[StreamItem]:
+        """Encode this round's update (open and chunks) and its commit; they become ``pending``
+        (what ``push`` sends). ``pipelined``: encoding goes on in the background while ``push``
+        sends (a :class:`~dept_comm.pipeline.PipelinedUpload`); ``finish_encoding`` waits for it."""
         commit = service_pb2.CommitUpdateRequest(
-            commit=as_message(messages[-1]).commit,
             worker_id=self.worker_id,
             round_idx=round_idx,
             train_loss=loss,
             num_tokens=tokens,
             metrics=dict(metrics or {}),
         )
+        messages: Sequence[StreamItem]
+        if self.pipelined:
+            messages = PipelinedUpload(self.update_stream(round_idx))
+        else:
+            encoded = self.encode_update(round_idx)
+            commit.commit.CopyFrom(as_message(encoded[-1]).commit)
+            messages = encoded[:-1]
         self.pending = (round_idx, messages, commit)
         return messages
+
+    def finish_encoding(self) -> None:
+        """Wait until the pending update is encoded (its error feedback state is then this
+        round's, e.g. to save it); raises the encoder's error."""
+        if self.pending is not None and isinstance(self.pending[1], PipelinedUpload):
+            self.pending[1].wait()
 
     def push(self) -> None:
         """Send the pending upload (resumable) and commit it."""
@@ -199,11 +221,13 @@ class Session:
         _, messages, commit = self.pending
         t0 = time.monotonic()
         try:
-            receipt = self.client.push(messages[:-1])
+            receipt = self.client.push(messages)
             if receipt.missing_seqs:
                 raise CommitMismatchError(
                     f"server is missing chunks {list(receipt.missing_seqs)[:8]} after a push"
                 )
+            if isinstance(messages, PipelinedUpload):
+                commit.commit.CopyFrom(messages.commit)  # known once the last tensor was encoded
             self.client.commit(commit)
         finally:
             self.comm_s["push_s"] += time.monotonic() - t0

@@ -35,6 +35,8 @@ CONCURRENT_CHECKS = 2
 class UploadPath(AppState):
     """Push, QueryUpload and CommitUpdate (part of ServerApp)."""
 
+    check_on_arrival = True  # check each tensor as its last chunk arrives (False: all at the commit)
+
     def push(self, messages: Iterable[WireItem]) -> service_pb2.PushReceipt:
         it = iter(messages)
         first = next(it, None)
@@ -79,6 +81,10 @@ class UploadPath(AppState):
                     limits=limits,
                     expected_upload_id=info.upload_id,
                     staging=self.staging.upload(),
+                    # Each tensor is checked as its last chunk arrives (one decoded tensor per
+                    # check slot); the commit then only verifies its digest and reads the norms.
+                    check_on_arrival=self.check_on_arrival,
+                    check_slots=self._checks,
                 )
                 rx.add(first)
                 entry = (worker_id, info.round_idx, rx)
@@ -140,6 +146,7 @@ class UploadPath(AppState):
         rx.commit(req.commit)
         # Every tensor is checked (finite, manifest) before any is folded; both passes decode one
         # tensor at a time, so no full fp32 copy of an update exists, however many commit at once.
+        # Tensors checked as they arrived (push) are not decoded again here: their norms are kept.
         with self._checks:
             norm = rx.validate()
         self._check_norm(worker_id, round_idx, norm)

@@ -14,7 +14,7 @@ from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
 from dept_comm.service import ParameterServerStub
-from dept_comm.streaming import PULL_LIMITS, receive_stream
+from dept_comm.streaming import PULL_LIMITS, PullReceiver, receive_stream
 from tests.integration.servers import join_and_pull, serving, worker_upload
 
 
@@ -45,6 +45,21 @@ def test_a_striped_pull_is_bit_identical_to_one_stream(tmp_path, streams):
             for k in one:
                 assert torch_equal_bits(one[k], many[k]), k
             assert tensors_digest(many) == tensors_digest(one) == info1.target_digest
+        finally:
+            client.close()
+
+
+def test_a_striped_pull_into_a_decoding_sink_gives_the_same_tensors(tmp_path):
+    """The participant's pull path: a sink that decodes as messages come (PullReceiver), over 3 stripes."""
+    with serving(tmp_path) as server:
+        client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20, streams=3)
+        try:
+            joined = join_and_pull(client)
+            sink = PullReceiver(limits=PULL_LIMITS)
+            client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True), sink=sink)
+            info, tensors = sink.result()
+            assert info.target_digest == joined.info.target_digest
+            assert tensors_digest(tensors) == tensors_digest(joined.body) == info.target_digest
         finally:
             client.close()
 

@@ -36,11 +36,11 @@ def stream_names(items: Any) -> set[str]:
 
 
 def recording(fn: Callable[..., Any], seen: set[str], *, upload: bool) -> Callable[..., Any]:
-    def wrapped(arg: Any) -> Any:
+    def wrapped(arg: Any, **kwargs: Any) -> Any:
         if upload:
             seen.update(stream_names(arg))
-            return fn(arg)
-        out = fn(arg)
+            return fn(arg, **kwargs)
+        out = fn(arg, **kwargs)
         seen.update(stream_names(out))
         return out
 

@@ -1,0 +1,122 @@
+"""dept_comm.pipeline: a pipelined upload is the sequential one, byte for byte; receivers that check
+or decode on arrival give what checking or decoding at the end gives."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from dept_comm.codecs import get_codec
+from dept_comm.codecs.feedback import ErrorFeedback
+from dept_comm.errors import NonFiniteError
+from dept_comm.frames import StreamItem, as_message, kind_of, to_wire
+from dept_comm.pipeline import PipelinedUpload
+from dept_comm.streaming import PullReceiver, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
+
+CHUNK = 4 << 10
+
+
+def deltas(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(17 + 900 * i, generator=gen) * 0.01 for i in range(6)}
+
+
+def stream(
+    tensors: dict[str, torch.Tensor], feedback: ErrorFeedback | None, codec: str = "int4"
+) -> Iterator[StreamItem]:
+    info = StreamOpenInfo(upload_id="u-1", sender_id="w", is_delta=True)
+    encoder = (lambda name, t, c: feedback.encode(name, t)) if feedback is not None else None
+    return encode_stream(
+        tensors,
+        open_info=info,
+        codec=get_codec(codec),
+        config=StreamConfig(chunk_bytes=CHUNK),
+        encoder=encoder,
+    )
+
+
+def test_pipelined_upload_is_the_sequential_one_byte_for_byte_and_leaves_the_same_feedback() -> None:
+    sequential, pipelined = ErrorFeedback(get_codec("int4")), ErrorFeedback(get_codec("int4"))
+    for round_idx in range(3):  # the residuals carry over: later rounds depend on earlier ones
+        expected = list(stream(deltas(round_idx), sequential))
+        upload = PipelinedUpload(stream(deltas(round_idx), pipelined))
+        followed = list(upload.follow())
+        assert [to_wire(m) for m in followed] == [to_wire(m) for m in expected[:-1]]
+        assert [to_wire(m) for m in upload] == [to_wire(m) for m in expected[:-1]]
+        assert upload.commit == as_message(expected[-1]).commit
+        assert kind_of(upload[0]) == "open" and len(upload) == len(expected) - 1
+        state_s, state_p = sequential.state_dict(), pipelined.state_dict()
+        assert state_s.keys() == state_p.keys()
+        assert all(torch.equal(state_s[k], state_p[k]) for k in state_s)
+
+
+def test_an_encoder_error_ends_the_follow_and_is_raised_by_wait() -> None:
+    def failing() -> Iterator[StreamItem]:
+        items = stream(deltas(0), None)
+        yield next(items)
+        raise ValueError("boom")
+
+    upload = PipelinedUpload(failing())
+    assert [kind_of(m) for m in upload.follow()] == ["open"]
+    with pytest.raises(ValueError, match="boom"):
+        upload.wait()
+    with pytest.raises(ValueError, match="boom"):
+        len(upload)
+
+
+def receiver(messages: list[StreamItem], **options: object) -> StreamReceiver:
+    rx = StreamReceiver(**options)  # type: ignore[arg-type]
+    for m in messages:
+        rx.add(m)
+    return rx
+
+
+def test_checks_on_arrival_give_the_norm_the_commit_check_gives() -> None:
+    messages = list(stream(deltas(5), None))
+    plain = receiver(messages)
+    arriving = receiver(messages, check_on_arrival=True)
+    assert plain.checked_on_arrival == 0 and arriving.checked_on_arrival == len(deltas(5))
+    assert plain.validate() == arriving.validate() > 0
+    # Tensors not checked on arrival (e.g. one whose check had not run) are checked at the commit.
+    partial = receiver(messages, check_on_arrival=True)
+    partial._checks._results.pop(2)  # type: ignore[union-attr]
+    partial._checks._results.pop(4)  # type: ignore[union-attr]
+    assert partial.validate() == plain.validate()
+    # The staged bytes stay for the fold, which decodes what the sequential path decodes.
+    got = dict(arriving.named_tensors())
+    want = dict(plain.named_tensors())
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_nan_tensor_is_refused_at_validate_with_or_without_arrival_checks() -> None:
+    tensors = deltas(1)
+    tensors["t3"] = torch.full_like(tensors["t3"], math.nan)
+    messages = list(stream(tensors, None, codec="fp32"))
+    for options in ({}, {"check_on_arrival": True}):
+        rx = receiver(messages, **options)  # arrival records the error, raises nothing
+        with pytest.raises(NonFiniteError, match="t3"):
+            rx.validate()
+
+
+def test_pull_receiver_decodes_on_arrival_and_returns_what_decoding_at_the_end_returns() -> None:
+    messages = list(stream(deltas(2), None))
+    rx = PullReceiver()
+    for m in messages[:-1]:
+        rx.add(m)
+    assert len(rx._rx._decoded) == len(deltas(2))  # every tensor decoded before the commit came
+    rx.add(messages[-1])
+    info, got = rx.result()
+    plain = receiver(messages)
+    want = plain.decode_all()
+    assert info.upload_id == "u-1" and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # Another stream after a restart: what was held is gone.
+    rx.restart()
+    other = list(stream(deltas(3), None))
+    for m in other:
+        rx.add(m)
+    again, expected = rx.result()[1], receiver(other).decode_all()
+    assert all(torch.equal(again[k], expected[k]) for k in expected)
