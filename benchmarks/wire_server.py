@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory(
             mmap_threshold_bytes=int(threshold) << 20, trim_threshold_bytes=1 << 30, max_arenas=2
         )
+    if os.environ.get("DEPT_WIRE_CHECK_AT_COMMIT"):  # an experiment: no check as each tensor arrives
+        from dept_comm.server.uploads import UploadPath
+
+        UploadPath.check_on_arrival = False
     window_kib = os.environ.get("DEPT_WIRE_STREAM_WINDOW_KIB")  # an experiment: --stream-window-kib
     window = {"stream_window_kib": int(window_kib)} if window_kib else {}
     with tempfile.TemporaryDirectory(prefix="dept-wire-") as tmp:

@@ -7,8 +7,6 @@ import math
 import time
 from collections.abc import Iterable
 
-import torch
-
 from dept_comm.accounting import metered
 from dept_comm.codecs import codec_name
 from dept_comm.errors import (
@@ -23,6 +21,7 @@ from dept_comm.errors import (
 from dept_comm.frames import Undecodable, WireItem, kind_of
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
+from dept_comm.pipeline import squared_norm
 from dept_comm.streaming import ReceiveLimits, StreamOpenInfo, StreamReceiver
 
 from .aggregate import contribution_weight
@@ -191,6 +190,6 @@ class UploadPath(AppState):
         """The norm of every shared tensor at the current version (computed once per version)."""
         version = self.model.version
         if self._body_norm_at[0] != version:
-            squares = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in self.model.shared.values())
+            squares = sum(squared_norm(t) for t in self.model.shared.values())
             self._body_norm_at = (version, squares**0.5)
         return self._body_norm_at[1]

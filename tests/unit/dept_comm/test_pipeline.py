@@ -120,3 +120,17 @@ def test_pull_receiver_decodes_on_arrival_and_returns_what_decoding_at_the_end_r
         rx.add(m)
     again, expected = rx.result()[1], receiver(other).decode_all()
     assert all(torch.equal(again[k], expected[k]) for k in expected)
+
+
+def test_squared_norm_matches_a_float64_norm() -> None:
+    """The outlier guard's norm: float32 dot products per block, summed in float64."""
+    from dept_comm.pipeline import squared_norm
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (0, 1, 65_535, 65_536, 300_001):
+        t = torch.randn(n, generator=gen) * 1e-3
+        want = float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        assert squared_norm(t) == pytest.approx(want, rel=1e-6, abs=1e-30)
+    assert squared_norm(torch.arange(10)) == 0.0  # index tensors count nothing
+    half = torch.randn(1000, generator=gen).to(torch.bfloat16)
+    assert squared_norm(half) == pytest.approx(float(half.double().square().sum()), rel=1e-6)
