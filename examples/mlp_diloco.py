@@ -67,9 +67,8 @@ def participate(args: argparse.Namespace) -> None:
             losses.append(loss.item())
             synced = p.step(metrics={"loss": losses[-1]})  # every sync_every-th call: a round ends
             if synced is not None:
-                print(
-                    f"{args.name} round={synced.round_idx} loss={sum(losses) / len(losses):.4f}", flush=True
-                )
+                line = f"{args.name} round={synced.round_idx} loss={sum(losses) / len(losses):.4f}\n"
+                print(line, end="", flush=True)  # one write: the participants share the terminal
                 losses.clear()
 
 
