@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     tune_malloc()  # as dept-server's CLI does
+    if os.environ.get("DEPT_LOAD_CHECK_AT_COMMIT"):  # an experiment: no check as each tensor arrives
+        from dept_comm.server.uploads import UploadPath
+
+        UploadPath.check_on_arrival = False
     if os.environ.get("DEPT_LOAD_ARENAS"):  # profiling: the malloc arenas the server may use
         keep_freed_memory(max_arenas=int(os.environ["DEPT_LOAD_ARENAS"]))
     config = ServerConfig(
