@@ -16,13 +16,16 @@ from pathlib import Path
 
 import torch
 
+from dept_comm.channel import open_channel
 from dept_comm.codecs import Codec, get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
-from dept_comm.frames import StreamItem, as_message
+from dept_comm.frames import StreamItem, WireItem, as_message, chunk_of
 from dept_comm.names import EMB_IDS, group_of
 from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
+from dept_comm.pull_resume import PullProgress
 from dept_comm.server.run import RunningServer
+from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
 from dept_server.serve import start_dept_server
@@ -82,6 +85,47 @@ def join_and_pull(
     pulled = client.pull(request)
     info, body = receive_stream(pulled, limits=PULL_LIMITS)
     return Joined(reply.worker_id, reply, info, body)
+
+
+def seqs(items: Sequence[WireItem]) -> list[int]:
+    """The chunk seqs of a stream's messages, in order (open and commit left out)."""
+    return [c.seq for c in (chunk_of(m) for m in items) if c is not None]
+
+
+@dataclass
+class RawPeer:
+    """A joined worker with both a ``ServerClient`` and a bare stub on its own channel, for tests
+    that shape requests (stripes, resumes, partial pushes) the client would not send."""
+
+    server: RunningServer
+    client: ServerClient
+    stub: ParameterServerStub
+    joined: Joined
+
+
+@contextmanager
+def raw_peer(tmp_path: Path, *, streams: int = 1, **overrides: object) -> Iterator[RawPeer]:
+    """``serving(tmp_path, **overrides)``, one worker joined and pulled, and a raw stub beside it."""
+    with serving(tmp_path, **overrides) as server:
+        target = f"127.0.0.1:{server.port}"
+        client = ServerClient(target, timeout_s=20, streams=streams)
+        channel = open_channel(target)
+        try:
+            yield RawPeer(server, client, ParameterServerStub(channel), join_and_pull(client))
+        finally:
+            channel.close()
+            client.close()
+
+
+def pull_until(peer: RawPeer, request: service_pb2.PullRequest, progress: PullProgress, seq: int) -> None:
+    """Pull until chunk ``seq`` arrived (into ``progress``), then cancel the call: a cut pull."""
+    call = peer.stub.PullBody(request, metadata=peer.joined.metadata())
+    for msg in call:
+        progress.add(msg)
+        chunk = chunk_of(msg)
+        if chunk is not None and chunk.seq == seq:
+            call.cancel()
+            break
 
 
 def random_delta(body: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:

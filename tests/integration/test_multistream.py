@@ -5,26 +5,15 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from dept_comm.channel import SESSION_METADATA_KEY, open_channel
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import InvalidInputError
-from dept_comm.frames import WireItem, chunk_of
+from dept_comm.frames import WireItem
 from dept_comm.parallel import merge_stripes, run_all, split_push, stripe_request
 from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
-from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import PULL_LIMITS, PullReceiver, receive_stream
-from tests.integration.servers import join_and_pull, serving, worker_upload
-
-
-def _seqs(items: list[WireItem]) -> list[int]:
-    return [c.seq for c in (chunk_of(m) for m in items) if c is not None]
-
-
-def _metadata(client: ServerClient) -> tuple[tuple[str, str], ...]:
-    assert client.session is not None
-    return ((SESSION_METADATA_KEY, client.session),)
+from tests.integration.servers import join_and_pull, pull_until, raw_peer, seqs, serving, worker_upload
 
 
 @pytest.mark.parametrize("streams", [2, 3, 7])
@@ -37,7 +26,7 @@ def test_a_striped_pull_is_bit_identical_to_one_stream(tmp_path, streams):
             whole = client.pull(request)
             client.streams = streams
             merged = client.pull(request)
-            assert _seqs(merged) == _seqs(whole) == list(range(len(_seqs(whole))))
+            assert seqs(merged) == seqs(whole) == list(range(len(seqs(whole))))
             info1, one = receive_stream(whole, limits=PULL_LIMITS)
             info2, many = receive_stream(merged, limits=PULL_LIMITS)
             assert info1 == info2
@@ -69,71 +58,46 @@ def torch_equal_bits(a, b) -> bool:
 
 
 def test_each_stripe_carries_its_seqs_and_a_cut_stripe_resumes(tmp_path):
-    with serving(tmp_path) as server:
-        target = f"127.0.0.1:{server.port}"
-        client = ServerClient(target, timeout_s=20)
-        channel = open_channel(target)
-        try:
-            joined = join_and_pull(client)
-            stub = ParameterServerStub(channel)
-            request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
-            whole = list(stub.PullBody(request, metadata=_metadata(client)))
-            n = len(_seqs(whole))
-            assert n >= 6, "the test needs a stream of several chunks"
-            count = 2
-            stripes: list[list[WireItem]] = []
-            for index in range(count):
-                stripe = list(
-                    stub.PullBody(stripe_request(request, index, count), metadata=_metadata(client))
-                )
-                assert _seqs(stripe) == list(range(index, n, count))
-                stripes.append(stripe)
-            # Cut stripe 1 after its second chunk, then resume it from where it stopped.
-            progress = PullProgress(stripe_request(request, 1, count))
-            call = stub.PullBody(progress.next_request(), metadata=_metadata(client))
-            got = 0
-            for msg in call:
-                progress.add(msg)
-                if chunk_of(msg) is not None:
-                    got += 1
-                    if got == 2:
-                        call.cancel()
-                        break
-            resumed = progress.next_request()
-            assert resumed.resume_from_seq == 4 and resumed.stream_count == 2 and resumed.stream_index == 1
-            again = list(stub.PullBody(resumed, metadata=_metadata(client)))
-            assert _seqs(again)[0] == 5, "the server skips what the stripe holds"
-            for msg in again:
-                progress.add(msg)
-            assert _seqs(progress.messages()) == list(range(1, n, 2))
-            merged = merge_stripes([stripes[0], progress.messages()])
-            info, body = receive_stream(merged, limits=PULL_LIMITS)
-            assert tensors_digest(body) == info.target_digest == joined.info.target_digest
-        finally:
-            channel.close()
-            client.close()
+    with raw_peer(tmp_path) as peer:
+        joined, stub = peer.joined, peer.stub
+        request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
+        whole = list(stub.PullBody(request, metadata=joined.metadata()))
+        n = len(seqs(whole))
+        assert n >= 6, "the test needs a stream of several chunks"
+        count = 2
+        stripes: list[list[WireItem]] = []
+        for index in range(count):
+            stripe = list(stub.PullBody(stripe_request(request, index, count), metadata=joined.metadata()))
+            assert seqs(stripe) == list(range(index, n, count))
+            stripes.append(stripe)
+        # Cut stripe 1 after its second chunk (seq 3), then resume it from where it stopped.
+        progress = PullProgress(stripe_request(request, 1, count))
+        pull_until(peer, progress.next_request(), progress, 3)
+        resumed = progress.next_request()
+        assert resumed.resume_from_seq == 4 and resumed.stream_count == 2 and resumed.stream_index == 1
+        again = list(stub.PullBody(resumed, metadata=joined.metadata()))
+        assert seqs(again)[0] == 5, "the server skips what the stripe holds"
+        for msg in again:
+            progress.add(msg)
+        assert seqs(progress.messages()) == list(range(1, n, 2))
+        merged = merge_stripes([stripes[0], progress.messages()])
+        info, body = receive_stream(merged, limits=PULL_LIMITS)
+        assert tensors_digest(body) == info.target_digest == joined.info.target_digest
 
 
 @pytest.mark.parametrize(("index", "count"), [(0, 0), (2, 2), (5, 3), (0, 1 << 20), (1, None)], ids=str)
 def test_bad_stripe_values_are_invalid_argument(tmp_path, index, count):
-    with serving(tmp_path) as server:
-        target = f"127.0.0.1:{server.port}"
-        client = ServerClient(target, timeout_s=20)
-        channel = open_channel(target)
-        try:
-            joined = join_and_pull(client)
-            request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True, stream_index=index)
-            if count is not None:
-                request.stream_count = count
-            with pytest.raises(grpc.RpcError) as caught:
-                list(ParameterServerStub(channel).PullBody(request, metadata=_metadata(client)))
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "stream_" in caught.value.details()
-            with pytest.raises(InvalidInputError):
-                client.pull(request)  # the client maps it, and does not retry it
-        finally:
-            channel.close()
-            client.close()
+    with raw_peer(tmp_path) as peer:
+        joined = peer.joined
+        request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True, stream_index=index)
+        if count is not None:
+            request.stream_count = count
+        with pytest.raises(grpc.RpcError) as caught:
+            list(peer.stub.PullBody(request, metadata=joined.metadata()))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "stream_" in caught.value.details()
+        with pytest.raises(InvalidInputError):
+            peer.client.pull(request)  # the client maps it, and does not retry it
 
 
 def test_a_striped_push_is_held_once_and_commits_once(tmp_path):
@@ -161,22 +125,15 @@ def test_a_striped_push_is_held_once_and_commits_once(tmp_path):
 
 
 def test_a_striped_push_after_a_partial_one_sends_the_rest(tmp_path):
-    with serving(tmp_path, codec_up="fp32") as server:
-        target = f"127.0.0.1:{server.port}"
-        client = ServerClient(target, timeout_s=20, streams=2)
-        channel = open_channel(target)
-        try:
-            joined = join_and_pull(client)
-            upload = worker_upload(joined, chunk_bytes=4096)
-            chunks = upload.messages[:-1]
-            total = len(chunks) - 1
-            # One stripe of three arrives alone (another worker process's cut multi-stream push).
-            first = split_push(chunks, 3)[1]
-            partial = ParameterServerStub(channel).PushUpdate(iter(first), metadata=_metadata(client))
-            assert partial.num_chunks == len(first) - 1 and partial.missing_seqs
-            receipt = client.push(chunks)
-            assert receipt.num_chunks == total and not receipt.missing_seqs
-            assert client.commit(upload.commit_request(joined.worker_id, 0)).accepted
-        finally:
-            channel.close()
-            client.close()
+    with raw_peer(tmp_path, streams=2, codec_up="fp32") as peer:
+        joined, client = peer.joined, peer.client
+        upload = worker_upload(joined, chunk_bytes=4096)
+        chunks = upload.messages[:-1]
+        total = len(chunks) - 1
+        # One stripe of three arrives alone (another worker process's cut multi-stream push).
+        first = split_push(chunks, 3)[1]
+        partial = peer.stub.PushUpdate(iter(first), metadata=joined.metadata())
+        assert partial.num_chunks == len(first) - 1 and partial.missing_seqs
+        receipt = client.push(chunks)
+        assert receipt.num_chunks == total and not receipt.missing_seqs
+        assert client.commit(upload.commit_request(joined.worker_id, 0)).accepted

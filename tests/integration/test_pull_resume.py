@@ -7,123 +7,71 @@ import random
 import grpc
 import pytest
 
-from dept_comm.channel import SESSION_METADATA_KEY, open_channel
 from dept_comm.digest import tensors_digest
-from dept_comm.frames import WireItem, as_message, chunk_of, kind_of
+from dept_comm.frames import as_message, kind_of
 from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
-from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import PULL_LIMITS, receive_stream
-from tests.integration.servers import join_and_pull, random_delta, serving
-
-
-def _seqs(items: list[WireItem]) -> list[int]:
-    return [c.seq for c in (chunk_of(m) for m in items) if c is not None]
-
-
-def _session(client: ServerClient) -> tuple[tuple[str, str], ...]:
-    """The metadata every call after Join carries: the session credential it issued."""
-    assert client.session is not None
-    return ((SESSION_METADATA_KEY, client.session),)
-
-
-def _cut_after(
-    stub: ParameterServerStub,
-    request: service_pb2.PullRequest,
-    progress: PullProgress,
-    k: int,
-    metadata: tuple[tuple[str, str], ...],
-) -> None:
-    """Pull until chunk seq ``k`` arrived, then cancel the call (the cut)."""
-    call = stub.PullBody(request, metadata=metadata)
-    for msg in call:
-        progress.add(msg)
-        chunk = chunk_of(msg)
-        if chunk is not None and chunk.seq == k:
-            call.cancel()
-            break
+from tests.integration.servers import join_and_pull, pull_until, random_delta, raw_peer, seqs, serving
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_pull_cut_at_a_random_chunk_resumes_there_and_verifies(tmp_path, seed):
-    with serving(tmp_path) as server:
-        target = f"127.0.0.1:{server.port}"
-        client = ServerClient(target, timeout_s=20)
-        channel = open_channel(target)
-        try:
-            joined = join_and_pull(client)
-            request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
-            whole = list(ParameterServerStub(channel).PullBody(request, metadata=_session(client)))
-            n = len(_seqs(whole))
-            assert n >= 4, "the test needs a stream of several chunks"
-            k = random.Random(seed).randrange(0, n - 2)
+    with raw_peer(tmp_path) as peer:
+        joined = peer.joined
+        request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
+        whole = list(peer.stub.PullBody(request, metadata=joined.metadata()))
+        n = len(seqs(whole))
+        assert n >= 4, "the test needs a stream of several chunks"
+        k = random.Random(seed).randrange(0, n - 2)
 
-            progress = PullProgress(request)
-            stub = ParameterServerStub(channel)
-            _cut_after(stub, request, progress, k, _session(client))
-            assert progress.next_seq == k + 1
-            resumed = list(stub.PullBody(progress.next_request(), metadata=_session(client)))
-            assert _seqs(resumed) == list(range(k + 1, n)), "the server resent chunks the worker held"
-            for msg in resumed:
-                progress.add(msg)
-            info, body = receive_stream(progress.messages(), limits=PULL_LIMITS)
-            assert info.target_digest == server.app.model.digest == tensors_digest(body)
-            assert all(body[name].equal(t) for name, t in joined.body.items())
-        finally:
-            channel.close()
-            client.close()
+        progress = PullProgress(request)
+        pull_until(peer, request, progress, k)
+        assert progress.next_seq == k + 1
+        resumed = list(peer.stub.PullBody(progress.next_request(), metadata=joined.metadata()))
+        assert seqs(resumed) == list(range(k + 1, n)), "the server resent chunks the worker held"
+        for msg in resumed:
+            progress.add(msg)
+        info, body = receive_stream(progress.messages(), limits=PULL_LIMITS)
+        assert info.target_digest == peer.server.app.model.digest == tensors_digest(body)
+        assert all(body[name].equal(t) for name, t in joined.body.items())
 
 
 def test_a_resume_of_a_stream_that_is_gone_gets_the_new_stream_whole(tmp_path):
     """A round closed between the cut and the retry: the server sends the new version from chunk
     0 under another id, the held chunks are dropped, and the result verifies against it."""
-    with serving(tmp_path, workers=1) as server:
-        target = f"127.0.0.1:{server.port}"
-        client = ServerClient(target, timeout_s=20)
-        channel = open_channel(target)
-        try:
-            joined = join_and_pull(client)
-            request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
-            progress = PullProgress(request)
-            stub = ParameterServerStub(channel)
-            _cut_after(stub, request, progress, 1, _session(client))
-            upload = joined.sender().upload(random_delta(joined.body, 3), info=joined.info)
-            client.push(upload.messages[:-1])
-            client.commit(upload.commit_request(joined.worker_id, 0))  # closes round 0: version 1
-            assert server.app.model.version == 1
-            resumed = list(stub.PullBody(progress.next_request(), metadata=_session(client)))
-            assert _seqs(resumed)[0] == 0
-            for msg in resumed:
-                progress.add(msg)
-            info, body = receive_stream(progress.messages(), limits=PULL_LIMITS)
-            assert info.target_version == 1 and info.target_digest == tensors_digest(body)
-        finally:
-            channel.close()
-            client.close()
+    with raw_peer(tmp_path, workers=1) as peer:
+        joined, client = peer.joined, peer.client
+        request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
+        progress = PullProgress(request)
+        pull_until(peer, request, progress, 1)
+        upload = joined.sender().upload(random_delta(joined.body, 3), info=joined.info)
+        client.push(upload.messages[:-1])
+        client.commit(upload.commit_request(joined.worker_id, 0))  # closes round 0: version 1
+        assert peer.server.app.model.version == 1
+        resumed = list(peer.stub.PullBody(progress.next_request(), metadata=joined.metadata()))
+        assert seqs(resumed)[0] == 0
+        for msg in resumed:
+            progress.add(msg)
+        info, body = receive_stream(progress.messages(), limits=PULL_LIMITS)
+        assert info.target_version == 1 and info.target_digest == tensors_digest(body)
 
 
 def test_a_resume_naming_another_stream_is_not_skipped(tmp_path):
     """A forged or stale resume (wrong target digest) cannot make the server skip chunks."""
-    with serving(tmp_path) as server:
-        target = f"127.0.0.1:{server.port}"
-        client = ServerClient(target, timeout_s=20)
-        channel = open_channel(target)
-        try:
-            joined = join_and_pull(client)
-            request = service_pb2.PullRequest(
-                worker_id=joined.worker_id,
-                full=True,
-                resume_from_seq=3,
-                resume_upload_id=joined.info.upload_id,
-                resume_target_digest=b"\0" * 16,
-            )
-            items = list(ParameterServerStub(channel).PullBody(request, metadata=_session(client)))
-            assert _seqs(items)[0] == 0 and kind_of(items[0]) == "open"
-            assert as_message(items[0]).open.upload_id == joined.info.upload_id
-        finally:
-            channel.close()
-            client.close()
+    with raw_peer(tmp_path) as peer:
+        joined = peer.joined
+        request = service_pb2.PullRequest(
+            worker_id=joined.worker_id,
+            full=True,
+            resume_from_seq=3,
+            resume_upload_id=joined.info.upload_id,
+            resume_target_digest=b"\0" * 16,
+        )
+        items = list(peer.stub.PullBody(request, metadata=joined.metadata()))
+        assert seqs(items)[0] == 0 and kind_of(items[0]) == "open"
+        assert as_message(items[0]).open.upload_id == joined.info.upload_id
 
 
 def test_the_worker_client_resumes_a_pull_cut_by_the_network(tmp_path, monkeypatch):
@@ -171,7 +119,7 @@ def test_the_worker_client_resumes_a_pull_cut_by_the_network(tmp_path, monkeypat
             monkeypatch.setattr(client._stub, "PullBody", cut_once)
             items = client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True))
             assert len(requests) == 2 and requests[1].resume_from_seq == 2  # open, chunks 0 and 1 held
-            assert _seqs(items) == list(range(len(_seqs(items))))
+            assert seqs(items) == list(range(len(seqs(items))))
             info, body = receive_stream(items, limits=PULL_LIMITS)
             assert info.target_digest == tensors_digest(body)
         finally:
