@@ -36,6 +36,7 @@ from dept_comm.pb import tensor_pb2 as pb
 __all__ = [
     "DEFAULT_STREAMS",
     "MAX_STREAMS",
+    "check_streams",
     "StripeMismatchError",
     "in_stripe",
     "merge_stripes",
@@ -61,6 +62,17 @@ MAX_STREAMS = 16  # a server refuses more stripes than this for one pull
 
 class StripeMismatchError(StreamOrderError):
     """The stripes of one pull came from different streams (a version closed between them)."""
+
+
+def check_streams(streams: int) -> int:
+    """``streams`` if a transfer may use that many concurrent streams.
+
+    Raises:
+        ValueError: not in [1, ``MAX_STREAMS``].
+    """
+    if not 1 <= streams <= MAX_STREAMS:
+        raise ValueError(f"streams must be in [1, {MAX_STREAMS}], got {streams}")
+    return streams
 
 
 def stripe_of(request: service_pb2.PullRequest) -> tuple[int, int]:

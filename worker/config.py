@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from dept_comm.parallel import DEFAULT_STREAMS, MAX_STREAMS
+from dept_comm.parallel import DEFAULT_STREAMS, check_streams
 from dept_comm.tls import channel_credentials, read_pem
 from dept_model.attention import ATTN_IMPLS
 
@@ -57,8 +57,7 @@ class WorkerConfig:
             raise ValueError("source must be a non-empty source id, e.g. sw")
         if not self.progress_interval_s > 0:
             raise ValueError(f"progress_interval_s must be > 0, got {self.progress_interval_s}")
-        if not 1 <= self.streams <= MAX_STREAMS:
-            raise ValueError(f"streams must be in [1, {MAX_STREAMS}], got {self.streams}")
+        check_streams(self.streams)
         if not self.min_bandwidth_mbps > 0:
             raise ValueError(f"min_bandwidth_mbps must be > 0, got {self.min_bandwidth_mbps}")
         for field, value in (("inner_steps", self.inner_steps), ("batch_size", self.batch_size)):

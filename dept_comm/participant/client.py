@@ -20,7 +20,7 @@ from dept_comm.channel import (
 )
 from dept_comm.errors import DeptError, ServerUnreachableError
 from dept_comm.frames import StreamItem, WireItem, as_message
-from dept_comm.parallel import MAX_STREAMS, pull_striped, push_striped
+from dept_comm.parallel import check_streams, pull_striped, push_striped
 from dept_comm.pb import service_pb2
 from dept_comm.pipeline import PipelinedUpload
 from dept_comm.progress import DEFAULT_INTERVAL_S, TransferProgress, size_of
@@ -81,8 +81,7 @@ class ServerClient:
         (``dept_comm.progress``). ``streams`` > 1 spreads each pull and push over that many
         concurrent streams (``dept_comm.parallel``).
         """
-        if not 1 <= streams <= MAX_STREAMS:
-            raise ValueError(f"streams must be in [1, {MAX_STREAMS}], got {streams}")
+        check_streams(streams)
         self.streams = streams
         self.target = target
         self._channel = open_channel(target, credentials=credentials, server_name=server_name)

@@ -146,7 +146,6 @@ class Participant(Session):
         self._counts: dict[str, int] = {}
         self._checked = False  # the first full pull's manifest check
         self._joined = False
-        self._restored: dict[str, Any] | None = None
 
     # -- the session's hooks -----------------------------------------------------------------
     def make_join_request(self) -> service_pb2.JoinRequest:
@@ -315,5 +314,4 @@ class Participant(Session):
             return
         trainer.load(saved["trainer_path"])
         self.load_state_dict({**saved.get("participant", {}), "feedback": saved["feedback"]})
-        self._restored = saved
         logger.info("participant %s continues from round %d", self.name, saved["round_idx"])
