@@ -26,7 +26,7 @@ class DeptView:
         return self.model.embeddings.weight.device
 
     def shared(self) -> dict[str, torch.Tensor]:
-        out = {BODY_PREFIX + name: value for name, value in self.model.body_state().items()}
+        out = self.body()
         emb = self.model.embeddings
         if self.variant == Variant.GLOB:
             out[EMB_WEIGHT] = emb.weight.detach()
