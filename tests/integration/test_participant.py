@@ -129,30 +129,26 @@ def test_a_module_whose_shared_tensors_are_not_the_servers_is_refused_at_join(tm
 def test_a_participant_with_a_state_dir_continues_where_it_stopped(tmp_path: Path) -> None:
     with serving(tmp_path, workers=1, rounds=2) as server:
         target = f"127.0.0.1:{server.port}"
+
+        def solo(module: nn.Module) -> Participant:  # the same name and state dir: one participant
+            return Participant(
+                module,
+                target,
+                name="solo",
+                sync_every=2,
+                local="embeddings.*",
+                state_dir=tmp_path / "s",
+                timeout_s=30,
+            )
+
         model = tiny_model(0)
-        with Participant(
-            model,
-            target,
-            name="solo",
-            sync_every=2,
-            local="embeddings.*",
-            state_dir=tmp_path / "s",
-            timeout_s=30,
-        ) as p:
+        with solo(model) as p:
             p.step()
             first = p.step()
             assert first is not None and first.round_idx == 0 and p.round == 1
         emb = model.get_submodule("embeddings").weight.detach().clone()
         again = tiny_model(1)
-        with Participant(
-            again,
-            target,
-            name="solo",
-            sync_every=2,
-            local="embeddings.*",
-            state_dir=tmp_path / "s",
-            timeout_s=30,
-        ) as p:
+        with solo(again) as p:
             assert p.steps == 2  # restored
             assert torch.equal(again.get_submodule("embeddings").weight, emb)  # local state restored
             while not p.finished:
