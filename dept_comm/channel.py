@@ -53,6 +53,9 @@ class BindError(OSError):
     """The server could not listen on the requested address (usually: the port is taken)."""
 
 
+MAX_FRAME_BYTES = 1 << 20  # HTTP/2 SETTINGS_MAX_FRAME_SIZE each end announces (16 KiB by default)
+
+
 def _shared_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """What both ends must agree on: message limits and keepalive; HTTP/2 windows that grow.
 
@@ -62,6 +65,14 @@ def _shared_options(max_message_bytes: int) -> list[tuple[str, int]]:
     0.54 s) with it and 4.3-4.7 s without (64 KiB windows); 100 Mbit/s at 50 ms, 16 MiB: 1.40 s
     against 2.21 s (ideal 1.34 s). A fixed ``grpc.http2.lookahead_bytes`` of 16 MiB gained
     nothing over the probe, and one stream per transfer already fills these links.
+
+    ``grpc.http2.max_frame_size`` (what each end lets its peer send in one HTTP/2 DATA frame) is
+    1 MiB, a chunk, instead of HTTP/2's 16 KiB: a chunk crosses as one frame instead of 64, each
+    parsed and accounted on its own. Measured on loopback (``dept-bench wire``'s server, 256 MiB
+    fp32, the two settings interleaved, 11 runs each): push best 1852 against 1644 MB/s and
+    1746 against 1504 in a second run, medians +8-10%; pulls unchanged. The receiver's flow-control
+    window still bounds what is in flight, and on a slow link a 1 MiB frame takes no longer than
+    the chunk it carries.
     """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -70,6 +81,7 @@ def _shared_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.bdp_probe", 1),
+        ("grpc.http2.max_frame_size", MAX_FRAME_BYTES),
     ]
 
 

@@ -17,20 +17,23 @@ outlier guard; tensors not checked on arrival are checked then, as before.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, overload
 
 import numpy as np
 import torch
 
-from dept_comm.errors import CommitMismatchError
+from dept_comm.digest import count_nonfinite
+from dept_comm.errors import CommitMismatchError, NonFiniteError
 from dept_comm.frames import StreamItem, as_message, kind_of
 from dept_comm.manifest import TensorStage
 from dept_comm.pb import tensor_pb2 as pb
 
-__all__ = ["ArrivalChecks", "PipelinedUpload", "squared_norm"]
+__all__ = ["ArrivalChecks", "PipelinedUpload", "checked_squared_norm", "squared_norm"]
 
 
 class PipelinedUpload(Sequence[StreamItem]):
@@ -122,51 +125,108 @@ class PipelinedUpload(Sequence[StreamItem]):
 _NORM_BLOCK = 1 << 16  # float32 elements per dot product; the blocks' sums add up in float64
 
 
-def squared_norm(t: torch.Tensor) -> float:
+def squared_norm(t: torch.Tensor, *, require_finite: bool = False, name: str = "") -> float:
     """A tensor's squared L2 norm for the outlier guard; integer tensors count 0.
 
     On the CPU: one float32 dot product per block of 64 Ki elements (relative error ~1e-7 per
     block), summed in float64, on the calling thread. torch's float64 norm ran on the intra-op
     thread pool, whose spinning workers cost the server about 1 CPU ms per MiB received: CPU the
     gRPC threads receiving the upload need (measured with dept-bench wire).
+
+    ``require_finite``: raise NonFiniteError (naming ``name``) if any value is NaN or Inf. The
+    same pass checks it: a sum of squares is finite only if every value is, so the values are
+    counted only when the sum is not (then finite values whose float32 squares overflowed are
+    summed again in float64). One read of the tensor instead of three (min, max, norm).
     """
     if not t.is_floating_point():
         return 0.0
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
+    cpu32 = t.device.type == "cpu" and t.dtype == torch.float32
+    if cpu32:
+        total = _block_squares(t, np.float32)
+    else:
+        total = float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
+    if math.isfinite(total):
+        return total
+    bad = count_nonfinite(t)
+    if bad and require_finite:
+        raise NonFiniteError(f"tensor {name!r} has {bad} non-finite values of {t.numel()}")
+    if bad or not cpu32:
+        return total
+    return _block_squares(t, np.float64)  # every value finite, some float32 squares overflowed
+
+
+def _block_squares(t: torch.Tensor, dtype: type[np.floating[Any]]) -> float:
     flat = t.detach().contiguous().reshape(-1).numpy()
     total = 0.0
-    for i in range(0, flat.size, _NORM_BLOCK):
-        block = flat[i : i + _NORM_BLOCK]
-        total += float(np.dot(block, block))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: the caller looks at the sum
+        for i in range(0, flat.size, _NORM_BLOCK):
+            block = flat[i : i + _NORM_BLOCK].astype(dtype, copy=False)
+            total += float(np.dot(block, block))
     return total
+
+
+def checked_squared_norm(stage: TensorStage, require_finite: bool) -> float:
+    """Decode a staged tensor keeping its bytes (digest, shape) and take its squared norm, with
+    the finiteness check in the norm's own pass (see :func:`squared_norm`)."""
+    t = stage.decode(False, release=False)
+    return squared_norm(t, require_finite=require_finite, name=stage.spec.name)
 
 
 class ArrivalChecks:
     """Each tensor's check, run once its last chunk arrived (``StreamReceiver(check_on_arrival=True)``).
 
     ``slots`` bounds how many checks run at once (a server's semaphore, shared with its commits):
-    a check holds one decoded tensor, so memory stays one tensor per slot.
+    a check holds one decoded tensor, so memory stays one tensor per slot. With an ``executor``
+    the checks run there, off the thread that receives the stream, so the next chunks are read
+    while a tensor is checked (each check still takes a slot first). Whoever then holds a slot
+    must not wait for a check (:meth:`settle` before taking one), or the two wait on each other.
     """
 
-    def __init__(self, slots: AbstractContextManager[Any] | None = None) -> None:
+    def __init__(
+        self, slots: AbstractContextManager[Any] | None = None, executor: Executor | None = None
+    ) -> None:
         self.slots: AbstractContextManager[Any] = slots if slots is not None else nullcontext()
+        self._executor = executor
         self._results: dict[int, float | Exception] = {}
+        self._pending: dict[int, Future[None]] = {}
+
+    def submit(self, idx: int, stage: TensorStage, require_finite: bool) -> None:
+        """Check tensor ``idx`` in a slot: on the executor if there is one (and it still takes
+        work), else now. The stage's bytes must stay until the check ended (:meth:`settle`)."""
+        if self._executor is not None:
+            try:
+                self._pending[idx] = self._executor.submit(self._slotted, idx, stage, require_finite)
+                return
+            except RuntimeError:  # shut down (the server is stopping): check here
+                pass
+        self._slotted(idx, stage, require_finite)
+
+    def _slotted(self, idx: int, stage: TensorStage, require_finite: bool) -> None:
+        with self.slots:
+            self.run(idx, stage, require_finite)
 
     def run(self, idx: int, stage: TensorStage, require_finite: bool) -> None:
         """Check tensor ``idx`` (digest, decode, shape, finite) keeping its staged bytes, and record
         its squared norm or the error; raises nothing (the commit raises it)."""
         try:
-            self._results[idx] = squared_norm(stage.decode(require_finite, release=False))
+            self._results[idx] = checked_squared_norm(stage, require_finite)
         except Exception as err:  # refused at the commit, in tensor order, as before
             self._results[idx] = err
 
+    def settle(self) -> None:
+        """Wait until every submitted check ended."""
+        for future in list(self._pending.values()):
+            future.result()  # run() records errors instead of raising them
+
     def result(self, idx: int) -> float | None:
-        """Tensor ``idx``'s squared norm; None if it was not checked on arrival.
+        """Tensor ``idx``'s squared norm (waiting for its check); None if it was not checked on arrival.
 
         Raises:
             whatever its check raised (CommitMismatchError, ManifestMismatchError, NonFiniteError...).
         """
+        future = self._pending.get(idx)
+        if future is not None:
+            future.result()
         got = self._results.get(idx)
         if isinstance(got, Exception):
             raise got
@@ -176,4 +236,7 @@ class ArrivalChecks:
         return len(self._results)
 
     def clear(self) -> None:
+        """Forget every result, once the checks ended."""
+        self.settle()
+        self._pending.clear()
         self._results.clear()

@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -41,7 +42,7 @@ from dept_comm.manifest import (
 )
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
-from dept_comm.pipeline import ArrivalChecks, squared_norm
+from dept_comm.pipeline import ArrivalChecks, checked_squared_norm
 from dept_comm.sending import StreamConfig, StreamOpenInfo, encode_stream, unsent
 from dept_comm.staging import UploadStaging
 
@@ -82,6 +83,7 @@ class StreamReceiver:
         staging: UploadStaging | None = None,
         check_on_arrival: bool = False,
         check_slots: AbstractContextManager[Any] | None = None,
+        check_executor: Executor | None = None,
         decode_on_arrival: bool = False,
         device: torch.device | None = None,
     ) -> None:
@@ -93,8 +95,9 @@ class StreamReceiver:
         staging: where encoded bytes wait (memory within a budget, else a file); default memory.
             The receiver closes it once every tensor was decoded, or on ``discard``.
         check_on_arrival: check each tensor (digest, decode, shape, finite, norm) as its last chunk
-            arrives, under ``check_slots``; ``validate`` then raises what those checks found and
-            reads their norms (``dept_comm.pipeline.ArrivalChecks``).
+            arrives, under ``check_slots`` (on ``check_executor`` if given, off the receiving
+            thread); ``validate`` then raises what those checks found and reads their norms
+            (``dept_comm.pipeline.ArrivalChecks``). Call ``settle_checks`` before taking a slot.
         decode_on_arrival: decode each tensor (on ``device``) as its last chunk arrives, releasing
             its staging; ``tensors()`` still yields them only after a verified commit (pulls).
         """
@@ -115,7 +118,7 @@ class StreamReceiver:
         self._commit: pb.Commit | None = None
         self._discarded = False
         self._decoding = False
-        self._checks = ArrivalChecks(check_slots) if check_on_arrival else None
+        self._checks = ArrivalChecks(check_slots, check_executor) if check_on_arrival else None
         self._decode_on_arrival, self._device = decode_on_arrival, device
         self._decoded: dict[int, torch.Tensor] = {}
 
@@ -141,11 +144,13 @@ class StreamReceiver:
         if isinstance(msg, Undecodable):
             raise MalformedMessageError(f"a message of {msg.size} bytes is not a StreamMessage: {msg.reason}")
         chunk, kind = chunk_of(msg), kind_of(msg)
+        # Hashed before the lock: stripes of one upload (several streams) hash their chunks at once.
+        checksum = chunk_checksum(chunk.data) if chunk is not None else 0
         completed = None
         with self._lock:
             self._check_live()
             if chunk is not None:
-                completed = self._add_chunk(chunk, header_of(chunk))
+                completed = self._add_chunk(chunk, header_of(chunk), checksum)
             elif kind == "open":
                 self._add_open(as_message(msg).open)
             elif kind == "commit":
@@ -159,10 +164,12 @@ class StreamReceiver:
         """Tensor ``idx``'s last chunk arrived: check or decode it now (the options)."""
         finite = self._limits.require_finite
         if self._checks is not None:
-            # The slot before the lock, as validate() takes them: no lock-order inversion.
-            with self._checks.slots, self._lock:
-                if not self._discarded and not self._decoding:
-                    self._checks.run(idx, self._tensors[idx], finite)
+            # The check reads the completed tensor's bytes, which no later message changes; only
+            # discard() frees them, and it waits for the checks first (no lock while checking).
+            with self._lock:
+                if self._discarded or self._decoding:
+                    return
+                self._checks.submit(idx, self._tensors[idx], finite)
         elif self._decode_on_arrival:
             with self._lock:
                 self._check_live()
@@ -189,13 +196,15 @@ class StreamReceiver:
         self._open.CopyFrom(o)
         self._info = StreamOpenInfo.from_pb(o)
 
-    def _add_chunk(self, c: pb.TensorChunk | ChunkFrame, header: pb.TensorHeader | None) -> int | None:
-        """Check and stage one chunk; returns its tensor's index if this chunk completed it."""
+    def _add_chunk(
+        self, c: pb.TensorChunk | ChunkFrame, header: pb.TensorHeader | None, checksum: int
+    ) -> int | None:
+        """Check and stage one chunk (``checksum``: of its data); returns its tensor's index if
+        this chunk completed it."""
         o = self._open
         if o is None:
             raise StreamOrderError("chunk before the stream's open")
         data = c.data
-        checksum = chunk_checksum(data)
         if checksum != c.checksum:
             raise ChecksumError(f"chunk seq={c.seq} checksum mismatch ({len(data)} bytes)")
         if c.upload_id != o.upload_id:
@@ -402,9 +411,14 @@ class StreamReceiver:
         for idx in range(len(self._tensors)):
             square = self._checks.result(idx) if self._checks is not None else None
             if square is None:  # not checked on arrival (or not asked to): check it now
-                square = squared_norm(self._tensors[idx].decode(self._limits.require_finite, release=False))
+                square = checked_squared_norm(self._tensors[idx], self._limits.require_finite)
             squares += square
         return math.sqrt(squares)
+
+    def settle_checks(self) -> None:
+        """Wait until the checks begun on arrival ended (before taking a check slot to validate)."""
+        if self._checks is not None:
+            self._checks.settle()
 
     @property
     def checked_on_arrival(self) -> int:
@@ -418,14 +432,14 @@ class StreamReceiver:
     def discard(self) -> None:
         """Drop the staged bytes (superseded or expired upload); the receiver is unusable after."""
         with self._lock:
+            if self._checks is not None:
+                self._checks.clear()  # waits for the checks reading the stages freed below
             for stage in self._tensors.values():
                 stage.release()
             if self._staging is not None:
                 self._staging.close()
             self._tensors.clear()
             self._decoded.clear()
-            if self._checks is not None:
-                self._checks.clear()
             self._held.clear()
             self._names.clear()
             self._staged_bytes = 0

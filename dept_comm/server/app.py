@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,8 @@ class ServerApp(UploadPath, RoundClosing):
         # Commits check their uploads at most this many at a time: each check holds a decoded
         # tensor and its temporaries, and the work is CPU-bound anyway (see docs/SCALE.md).
         self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
+        # Uploads' tensors are checked there as they arrive, off the threads reading the streams.
+        self._check_pool = ThreadPoolExecutor(CONCURRENT_CHECKS, thread_name_prefix="upload-check")
         self._uploads: dict[str, tuple[str, int, StreamReceiver]] = {}  # upload_id -> (worker, round, rx)
         self._row_ids: dict[str, torch.Tensor] = {}
         self._sources: dict[str, str] = {}
@@ -337,6 +340,7 @@ class ServerApp(UploadPath, RoundClosing):
             uploads, self._uploads = list(self._uploads.values()), {}
         for _, _, rx in uploads:
             rx.discard()  # removes their staging files
+        self._check_pool.shutdown(wait=True)
         self._aggregate.reset()  # and those committed but not folded yet
         if self._store is not None:
             self._store.close()

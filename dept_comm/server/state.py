@@ -7,6 +7,7 @@ import logging
 import math
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class AppState:
     _lock: threading.Lock
     _close_lock: threading.Lock
     _checks: threading.BoundedSemaphore
+    _check_pool: ThreadPoolExecutor
     _uploads: dict[str, tuple[str, int, StreamReceiver]]  # upload_id -> (worker, round, rx)
     _row_ids: dict[str, torch.Tensor]
     _sources: dict[str, str]

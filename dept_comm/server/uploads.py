@@ -84,6 +84,7 @@ class UploadPath(AppState):
                     # check slot); the commit then only verifies its digest and reads the norms.
                     check_on_arrival=self.check_on_arrival,
                     check_slots=self._checks,
+                    check_executor=self._check_pool,
                 )
                 rx.add(first)
                 entry = (worker_id, info.round_idx, rx)
@@ -146,6 +147,7 @@ class UploadPath(AppState):
         # Every tensor is checked (finite, manifest) before any is folded; both passes decode one
         # tensor at a time, so no full fp32 copy of an update exists, however many commit at once.
         # Tensors checked as they arrived (push) are not decoded again here: their norms are kept.
+        rx.settle_checks()  # not inside a slot: the arrival checks need one
         with self._checks:
             norm = rx.validate()
         self._check_norm(worker_id, round_idx, norm)

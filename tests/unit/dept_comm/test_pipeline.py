@@ -4,14 +4,16 @@ or decode on arrival give what checking or decoding at the end gives."""
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from dept_comm.codecs import get_codec
 from dept_comm.codecs.feedback import ErrorFeedback
-from dept_comm.errors import NonFiniteError
+from dept_comm.errors import NonFiniteError, StreamOrderError
 from dept_comm.frames import StreamItem, as_message, kind_of, to_wire
 from dept_comm.pipeline import PipelinedUpload
 from dept_comm.streaming import PullReceiver, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
@@ -91,6 +93,49 @@ def test_checks_on_arrival_give_the_norm_the_commit_check_gives() -> None:
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_checks_on_an_executor_run_off_the_receiving_thread_and_give_the_same_norm() -> None:
+    messages = list(stream(deltas(5), None))
+    plain = receiver(messages).validate()
+    slots = threading.BoundedSemaphore(1)
+    with ThreadPoolExecutor(1, thread_name_prefix="check") as pool:
+        ran_on: set[str] = set()
+        rx = StreamReceiver(check_on_arrival=True, check_slots=slots, check_executor=pool)
+        real_run = rx._checks.run  # type: ignore[union-attr]
+
+        def run(*args: object) -> None:
+            ran_on.add(threading.current_thread().name)
+            real_run(*args)  # type: ignore[arg-type]
+
+        rx._checks.run = run  # type: ignore[union-attr,method-assign]
+        for m in messages:
+            rx.add(m)
+        rx.settle_checks()
+        assert rx.checked_on_arrival == len(deltas(5))
+        assert ran_on and all(name.startswith("check") for name in ran_on)
+        assert rx.validate() == plain
+        # Every slot is free again once the checks ended.
+        assert slots.acquire(blocking=False)
+
+
+def test_discard_waits_for_the_checks_reading_the_staged_bytes() -> None:
+    messages = list(stream(deltas(6), None, codec="fp32"))
+    gate = threading.Event()
+    slots = threading.BoundedSemaphore(1)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(gate.wait)  # the checks queue behind this
+        rx = StreamReceiver(check_on_arrival=True, check_slots=slots, check_executor=pool)
+        for m in messages:
+            rx.add(m)
+        assert rx.checked_on_arrival == 0  # queued, not run
+        done = threading.Event()
+        threading.Thread(target=lambda: (rx.discard(), done.set()), daemon=True).start()
+        assert not done.wait(0.2)  # discard waits for the queued checks
+        gate.set()
+        assert done.wait(10)
+    with pytest.raises(StreamOrderError):
+        rx.validate()
+
+
 def test_a_nan_tensor_is_refused_at_validate_with_or_without_arrival_checks() -> None:
     tensors = deltas(1)
     tensors["t3"] = torch.full_like(tensors["t3"], math.nan)
@@ -134,3 +179,27 @@ def test_squared_norm_matches_a_float64_norm() -> None:
     assert squared_norm(torch.arange(10)) == 0.0  # index tensors count nothing
     half = torch.randn(1000, generator=gen).to(torch.bfloat16)
     assert squared_norm(half) == pytest.approx(float(half.double().square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_squared_norm_finds_a_non_finite_value_in_the_same_pass(bad: float) -> None:
+    from dept_comm.pipeline import squared_norm
+
+    t = torch.randn(200_000)
+    t[123_457] = bad
+    with pytest.raises(NonFiniteError, match=r"'w\.0' has 1 non-finite values of 200000"):
+        squared_norm(t, require_finite=True, name="w.0")
+    assert not math.isfinite(squared_norm(t))  # not asked to check: the norm says it
+    with pytest.raises(NonFiniteError, match="3 non-finite"):
+        squared_norm(torch.tensor([1.0, bad, bad, bad]).to(torch.bfloat16), require_finite=True)
+
+
+def test_squared_norm_of_finite_values_past_float32_squares_is_exact() -> None:
+    """1e20 squared overflows float32; every value is finite, so the norm is taken in float64."""
+    from dept_comm.pipeline import squared_norm
+
+    t = torch.full((100_000,), 1e20)
+    t[::2] = -3e25
+    want = float(t.double().square().sum())
+    assert math.isfinite(want)
+    assert squared_norm(t, require_finite=True) == pytest.approx(want, rel=1e-9)
