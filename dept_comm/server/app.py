@@ -33,6 +33,7 @@ from dept_comm.outer import build_outer
 from dept_comm.parallel import stripe_of
 from dept_comm.pb import service_pb2
 from dept_comm.progress import InflightTransfers
+from dept_comm.readahead import ReadAhead
 from dept_comm.staging import StagingArea
 from dept_comm.streaming import StreamReceiver
 
@@ -45,7 +46,7 @@ from .model_state import GlobalModel
 from .norm_guard import NormGuard
 from .sessions import JoinPolicy, Sessions, read_tokens
 from .state import WorkerRound, _finite
-from .uploads import CONCURRENT_CHECKS, UploadPath
+from .uploads import CONCURRENT_CHECKS, READ_AHEAD_DEPTH, READ_AHEAD_STREAMS, UploadPath
 from .watch import RoundWatchers
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,10 @@ class ServerApp(UploadPath, RoundClosing):
         self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
         # Uploads' tensors are checked there as they arrive, off the threads reading the streams.
         self._check_pool = ThreadPoolExecutor(CONCURRENT_CHECKS, thread_name_prefix="upload-check")
+        # A few pushes at a time are read ahead of their handlers (dept_comm.readahead).
+        self.read_ahead = ReadAhead(
+            streams=READ_AHEAD_STREAMS, depth=READ_AHEAD_DEPTH, name="push-read-ahead"
+        )
         self._uploads: dict[str, tuple[str, int, StreamReceiver]] = {}  # upload_id -> (worker, round, rx)
         self._row_ids: dict[str, torch.Tensor] = {}
         self._sources: dict[str, str] = {}

@@ -104,8 +104,8 @@ class ParameterServerServicer:
                 self._app.sessions.authorize(session, first.open.sender_id)
             elif first is None:
                 self._app.sessions.authorize(session, owner)
-            with self._app.streams.slot("push"):
-                rest: Iterator[Any] = it if first is None else itertools.chain([first], it)
+            with self._app.streams.slot("push"), self._app.read_ahead.reading(it) as ahead:
+                rest: Iterator[Any] = ahead if first is None else itertools.chain([first], ahead)
                 with closing(self._app.inflight.track("push", rest)) as tracked:
                     return self._app.push(tracked)
 

@@ -20,6 +20,7 @@ from dept_comm.errors import (
     NotFoundError,
 )
 from dept_comm.pb import service_pb2
+from dept_comm.readahead import ReadAhead
 from dept_comm.staging import StagingArea
 from dept_comm.streaming import StreamReceiver
 
@@ -73,6 +74,7 @@ class AppState:
     _close_lock: threading.Lock
     _checks: threading.BoundedSemaphore
     _check_pool: ThreadPoolExecutor
+    read_ahead: ReadAhead
     _uploads: dict[str, tuple[str, int, StreamReceiver]]  # upload_id -> (worker, round, rx)
     _row_ids: dict[str, torch.Tensor]
     _sources: dict[str, str]

@@ -29,6 +29,8 @@ from .state import AppState, _finite
 
 logger = logging.getLogger(__name__)
 CONCURRENT_CHECKS = 2
+READ_AHEAD_STREAMS = 4  # pushes read ahead of their handlers at once; memory: streams x depth chunks
+READ_AHEAD_DEPTH = 4
 
 
 class UploadPath(AppState):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -165,6 +167,12 @@ def test_bad_inputs_are_refused_and_a_good_round_still_closes(running: RunningSe
     huge = upload(worker_id, info, zeros)
     huge[1].chunk.data = b"\x00" * (3 << 20)
     assert code_of(lambda: push(stub, huge[:-1])) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    # Every refused push's read-ahead helper (dept_comm.readahead) ended with its call.
+    deadline = time.monotonic() + 10
+    while any(t.name == "push-read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "push-read-ahead"]
 
     # A commit for an upload nobody sent.
     ghost = upload(worker_id, info, zeros)
