@@ -74,7 +74,10 @@ def commit_request(
 
 
 def receiver(server: RunningServer, upload_id: str) -> StreamReceiver:
-    return server.app._uploads[upload_id][2]
+    """The server's receiver of an upload, once the checks queued so far ended (they run on a pool)."""
+    rx = server.app._uploads[upload_id][2]
+    rx.settle_checks()
+    return rx
 
 
 def pulled(client: ServerClient, joined: Joined) -> tuple[bytes, dict[str, torch.Tensor]]:
