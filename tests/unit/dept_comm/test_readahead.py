@@ -46,6 +46,14 @@ class Feed:
         return item
 
 
+def fed(n: int) -> Feed:
+    """A source with ``n`` messages waiting (0, 1, ...), then nothing until told."""
+    feed = Feed()
+    for i in range(n):
+        feed.q.put(i)
+    return feed
+
+
 def test_a_stream_read_ahead_is_the_same_stream_and_its_error_comes_after_its_messages() -> None:
     ra = ReadAhead(streams=1, depth=3, name="ra-same")
     with ra.reading(iter(range(100))) as got:
@@ -66,9 +74,7 @@ def test_a_stream_read_ahead_is_the_same_stream_and_its_error_comes_after_its_me
 
 
 def test_the_helper_reads_at_most_depth_messages_ahead_while_the_handler_works() -> None:
-    feed = Feed()
-    for i in range(10):
-        feed.q.put(i)
+    feed = fed(10)
     ra = ReadAhead(streams=1, depth=3, name="ra-depth")
     with ra.reading(feed) as got:
         it = iter(got)
@@ -101,9 +107,7 @@ def test_helpers_are_bounded_and_one_is_freed_when_its_stream_ends() -> None:
 
 
 def test_a_handler_leaving_early_frees_the_queue_and_the_helper_leaves_with_the_stream() -> None:
-    feed = Feed()
-    for i in range(50):
-        feed.q.put(i)
+    feed = fed(50)
     ra = ReadAhead(streams=1, depth=4, name="ra-early")
     with ra.reading(feed) as got:
         assert next(iter(got)) == 0  # the handler refuses the stream after one message
