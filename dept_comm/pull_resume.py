@@ -23,8 +23,11 @@ __all__ = ["PullProgress"]
 class PullProgress:
     """The messages of one pull so far, across cut attempts."""
 
-    def __init__(self, request: service_pb2.PullRequest) -> None:
+    def __init__(self, request: service_pb2.PullRequest, *, keep_chunks: bool = True) -> None:
+        """``keep_chunks=False``: hold only the open and the commit (a caller whose sink takes
+        each chunk as it arrives: a resume needs only the open and the next seq)."""
         self._request = request
+        self._keep_chunks = keep_chunks
         self._open: pb.StreamOpen | None = None
         self._held: list[WireItem] = []
         self._next_seq = 0
@@ -66,9 +69,11 @@ class PullProgress:
             if chunk.seq < self._next_seq:
                 return None  # already held (a server that did not skip)
             self._next_seq = chunk.seq + 1
+            if not self._keep_chunks:
+                return "kept"  # the caller's sink has it
         self._held.append(msg)
         return "kept"
 
     def messages(self) -> list[WireItem]:
-        """Everything held: the open, the chunks in order, and the commit once it came."""
+        """Everything held: the open, the chunks in order (unless not kept), and the commit once it came."""
         return list(self._held)

@@ -140,7 +140,10 @@ class ServerClient:
         goes on from its first missing chunk (see ``dept_comm.pull_resume``). ``sink`` gets each
         message kept as it arrives (and ``restart`` when the server began another stream), so it
         can decode while receiving; an error it raises cancels the pull and is raised. Striped
-        pulls are merged first, then handed to ``sink``."""
+        pulls are merged first, then handed to ``sink``.
+
+        Returns the stream's messages; with a ``sink`` and one stream, only the open and the
+        commit: the chunks went to the sink and are not held twice (a body-sized saving)."""
         if self.streams == 1:
             return self._pull_stream(request, sink=sink)
         messages = pull_striped(self._pull_stream, request, self.streams)
@@ -153,7 +156,7 @@ class ServerClient:
         self, request: service_pb2.PullRequest, *, sink: PullSink | None = None
     ) -> list[WireItem]:
         """One pull stream (or one stripe of one), resumed after a cut; see ``pull``."""
-        progress = PullProgress(request)
+        progress = PullProgress(request, keep_chunks=sink is None)
         watch = TransferProgress("pull", interval_s=self.progress_interval_s)
 
         def once() -> list[WireItem]:

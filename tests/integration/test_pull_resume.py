@@ -12,7 +12,7 @@ from dept_comm.frames import as_message, kind_of
 from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
-from dept_comm.streaming import PULL_LIMITS, receive_stream
+from dept_comm.streaming import PULL_LIMITS, PullReceiver, receive_stream
 from tests.integration.servers import join_and_pull, pull_until, random_delta, raw_peer, seqs, serving
 
 
@@ -74,9 +74,11 @@ def test_a_resume_naming_another_stream_is_not_skipped(tmp_path):
         assert as_message(items[0]).open.upload_id == joined.info.upload_id
 
 
-def test_the_worker_client_resumes_a_pull_cut_by_the_network(tmp_path, monkeypatch):
+@pytest.mark.parametrize("into_sink", [False, True])
+def test_the_worker_client_resumes_a_pull_cut_by_the_network(tmp_path, monkeypatch, into_sink):
     """ServerClient.pull: a stream cut mid-way (UNAVAILABLE) is retried from its first missing
-    chunk, and the worker receives the whole stream once."""
+    chunk, and the worker receives the whole stream once. Into a sink (the participant's pull,
+    decoding as chunks arrive), the client holds no chunk itself."""
     with serving(tmp_path) as server:
         client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20)
         try:
@@ -117,10 +119,17 @@ def test_the_worker_client_resumes_a_pull_cut_by_the_network(tmp_path, monkeypat
                 return CutStream()
 
             monkeypatch.setattr(client._stub, "PullBody", cut_once)
-            items = client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True))
+            request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
+            sink = PullReceiver(limits=PULL_LIMITS) if into_sink else None
+            items = client.pull(request, sink=sink)
             assert len(requests) == 2 and requests[1].resume_from_seq == 2  # open, chunks 0 and 1 held
-            assert seqs(items) == list(range(len(seqs(items))))
-            info, body = receive_stream(items, limits=PULL_LIMITS)
-            assert info.target_digest == tensors_digest(body)
+            if sink is not None:
+                assert [kind_of(m) for m in items] == ["open", "commit"]  # the chunks went to the sink
+                info, body = sink.result()
+            else:
+                assert seqs(items) == list(range(len(seqs(items))))
+                info, body = receive_stream(items, limits=PULL_LIMITS)
+            assert info.target_digest == tensors_digest(body) == server.app.model.digest
+            assert all(body[name].equal(t) for name, t in joined.body.items())
         finally:
             client.close()
