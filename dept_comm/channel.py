@@ -68,11 +68,12 @@ def _shared_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
     ``grpc.http2.max_frame_size`` (what each end lets its peer send in one HTTP/2 DATA frame) is
     1 MiB, a chunk, instead of HTTP/2's 16 KiB: a chunk crosses as one frame instead of 64, each
-    parsed and accounted on its own. Measured on loopback (``dept-bench wire``'s server, 256 MiB
-    fp32, the two settings interleaved, 11 runs each): push best 1852 against 1644 MB/s and
-    1746 against 1504 in a second run, medians +8-10%; pulls unchanged. The receiver's flow-control
-    window still bounds what is in flight, and on a slow link a 1 MiB frame takes no longer than
-    the chunk it carries.
+    parsed and accounted on its own. On loopback (``dept-bench wire``'s server, 256 MiB fp32, two
+    servers side by side) its effect is within this host's noise once both launch orders are run
+    (the second server launched is the faster one by up to ~12%; a first comparison, in one order
+    only, had shown +13-16%). It costs nothing measurable either: ``dept-bench link`` and
+    ``dept-bench load`` are unchanged. The receiver's flow-control window still bounds what is in
+    flight, and on a slow link a 1 MiB frame takes no longer than the chunk it carries.
     """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
