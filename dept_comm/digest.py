@@ -11,12 +11,13 @@ import numpy as np
 import torch
 import xxhash
 
-from dept_comm.errors import ManifestMismatchError
+from dept_comm.errors import ManifestMismatchError, NonFiniteError
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = [
     "Group",
     "Manifest",
+    "check_finite",
     "count_nonfinite",
     "TensorSpec",
     "dtype_from_pb",
@@ -176,3 +177,10 @@ def count_nonfinite(t: torch.Tensor) -> int:
         int(arr[i : i + _BLOCK].size - np.count_nonzero(np.isfinite(arr[i : i + _BLOCK])))
         for i in range(0, arr.size, _BLOCK)
     )
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise NonFiniteError, naming tensor ``name`` and counting the values, if ``t`` holds NaN or Inf."""
+    bad = count_nonfinite(t)
+    if bad:
+        raise NonFiniteError(f"tensor {name!r} has {bad} non-finite values of {t.numel()}")

@@ -15,12 +15,11 @@ import xxhash
 from dept_comm.codecs import Codec, CodecParams, get_codec
 from dept_comm.codecs._absmax import AbsmaxCodec
 from dept_comm.codecs.gpu import decode_on_device
-from dept_comm.digest import Group, Manifest, TensorSpec, count_nonfinite, dtype_from_pb, dtype_to_pb
+from dept_comm.digest import Group, Manifest, TensorSpec, check_finite, dtype_from_pb, dtype_to_pb
 from dept_comm.errors import (
     CommitMismatchError,
     ConflictError,
     ManifestMismatchError,
-    NonFiniteError,
     SizeLimitError,
     StreamOrderError,
     UnknownCodecError,
@@ -381,9 +380,7 @@ class TensorStage:
                 f"header says {spec.shape} {spec.dtype}"
             )
         if require_finite:
-            bad = count_nonfinite(out)
-            if bad:
-                raise NonFiniteError(f"tensor {spec.name!r} has {bad} non-finite values of {out.numel()}")
+            check_finite(out, spec.name)
         if release:
             self.release()
         return out

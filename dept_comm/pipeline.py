@@ -27,8 +27,8 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from dept_comm.digest import count_nonfinite
-from dept_comm.errors import CommitMismatchError, NonFiniteError
+from dept_comm.digest import check_finite, count_nonfinite
+from dept_comm.errors import CommitMismatchError
 from dept_comm.frames import StreamItem, as_message, kind_of
 from dept_comm.manifest import TensorStage
 from dept_comm.pb import tensor_pb2 as pb
@@ -147,12 +147,12 @@ def squared_norm(t: torch.Tensor, *, require_finite: bool = False, name: str = "
         total = float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
     if math.isfinite(total):
         return total
-    bad = count_nonfinite(t)
-    if bad and require_finite:
-        raise NonFiniteError(f"tensor {name!r} has {bad} non-finite values of {t.numel()}")
-    if bad or not cpu32:
+    if require_finite:
+        check_finite(t, name)
+    elif count_nonfinite(t):
         return total
-    return _block_squares(t, np.float64)  # every value finite, some float32 squares overflowed
+    # Every value finite: some float32 squares overflowed (float64 sums of any float dtype cannot).
+    return _block_squares(t, np.float64) if cpu32 else total
 
 
 def _block_squares(t: torch.Tensor, dtype: type[np.floating[Any]]) -> float:
