@@ -9,7 +9,7 @@ server's result against it (a server that fell back to another codec would not m
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,8 @@ from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, encode_stream, receive_stream
 from dept_server.config import ServerConfig
 from dept_server.serve import start_dept_server
+from tests.e2e.harness import wait_for
+from tests.faults.proxy import TcpProxy
 
 
 @contextmanager
@@ -212,3 +214,15 @@ def worker_upload(joined: Joined, *, seed: int = 0, chunk_bytes: int = 1 << 20, 
     return joined.sender().upload(
         random_delta(joined.body, seed), info=joined.info, round_idx=round_idx, chunk_bytes=chunk_bytes
     )
+
+
+def reset_at(
+    items: Iterable[StreamItem], proxy: TcpProxy, at: int, ready: Callable[[], bool], what: str
+) -> Iterator[StreamItem]:
+    """``items``, resetting every connection ``proxy`` carries before item ``at`` once ``ready()``
+    (waiting for ``what``): a link dropped mid-upload, after the server has something to keep."""
+    for i, item in enumerate(items):
+        if i == at:
+            wait_for(ready, 30, what)
+            proxy.reset_all()
+        yield item

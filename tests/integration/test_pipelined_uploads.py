@@ -22,9 +22,8 @@ from dept_comm.pb import tensor_pb2 as pb
 from dept_comm.pipeline import PipelinedUpload
 from dept_comm.server.run import RunningServer
 from dept_comm.streaming import PULL_LIMITS, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
-from tests.e2e.harness import wait_for
 from tests.faults.proxy import TcpProxy
-from tests.integration.servers import Joined, join_and_pull, random_delta, serving
+from tests.integration.servers import Joined, join_and_pull, random_delta, reset_at, serving
 
 CHUNK_BYTES = 4 << 10
 
@@ -122,11 +121,12 @@ class CutPipelined(PipelinedUpload):
 
     def follow(self) -> Iterator[StreamItem]:
         self.passes += 1
-        for i, item in enumerate(super().follow()):
-            if self.passes == 1 and i == self.at:
-                wait_for(lambda: self.checked() > 0, 30, "the server to check a tensor on arrival")
-                self.proxy.reset_all()
-            yield item
+        items = super().follow()
+        if self.passes > 1:
+            return items
+        return reset_at(
+            items, self.proxy, self.at, lambda: self.checked() > 0, "the server to check a tensor on arrival"
+        )
 
 
 def test_a_cut_pipelined_push_resends_only_missing_chunks_and_checks_the_rest_on_arrival(

@@ -21,9 +21,8 @@ from dept_comm.pb import service_pb2
 from dept_comm.server.run import RunningServer
 from dept_comm.streaming import PULL_LIMITS, receive_stream
 from dept_model.tokenizer import build_tokenizers, load_tokenizer, vocab_digest
-from tests.e2e.harness import wait_for
 from tests.faults.proxy import TcpProxy
-from tests.integration.servers import join_and_pull, random_delta, serving, worker_upload
+from tests.integration.servers import join_and_pull, random_delta, reset_at, serving, worker_upload
 
 CHUNK_BYTES = 4 << 10  # many chunks from the tiny model's int8 body (about 100 KB)
 
@@ -45,11 +44,12 @@ class CutOnce(list[StreamItem]):
 
     def __iter__(self) -> Iterator[StreamItem]:
         self.passes += 1
-        for i, item in enumerate(super().__iter__()):
-            if self.passes == 1 and i == self.at:
-                wait_for(lambda: self.staged() > 0, 30, "the server to stage part of the upload")
-                self.proxy.reset_all()
-            yield item
+        items = super().__iter__()
+        if self.passes > 1:
+            return items
+        return reset_at(
+            items, self.proxy, self.at, lambda: self.staged() > 0, "the server to stage part of the upload"
+        )
 
 
 def test_reset_mid_upload_resends_only_missing_chunks(running: RunningServer, caplog) -> None:
