@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,6 +30,7 @@ from dept_comm.memory import keep_freed_memory
 from dept_comm.parallel import DEFAULT_STREAMS
 from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
+from dept_comm.pipeline import PipelinedUpload
 from dept_comm.service import ParameterServerStub
 from dept_comm.streaming import (
     PULL_LIMITS,
@@ -308,7 +309,9 @@ class _Worker:
         self.request = service_pb2.PullRequest(worker_id=self.worker_id, full=True)
         self.info, self.body = receive_stream(self.client.pull(self.request), limits=PULL_LIMITS)
 
-    def push(self, streams: int) -> float:
+    def push(self, streams: int, *, pipelined: bool = True) -> float:
+        """One upload as dept-worker sends it: encoded on a background thread while it is sent
+        (``PipelinedUpload``, the worker's default), or (``pipelined=False``) encoded first."""
         self.client.streams = streams
         info = StreamOpenInfo(
             upload_id=f"bench-{time.monotonic_ns()}",
@@ -319,11 +322,12 @@ class _Worker:
             is_delta=True,
         )
         t0 = time.perf_counter()
-        messages = list(encode_stream(self.body, open_info=info, codec=get_codec("fp32")))
-        receipt = self.client.push(messages[:-1])
+        stream = encode_stream(self.body, open_info=info, codec=get_codec("fp32"))
+        messages: Sequence[StreamItem] = PipelinedUpload(stream) if pipelined else list(stream)[:-1]
+        receipt = self.client.push(messages)
         elapsed = time.perf_counter() - t0
-        if receipt.num_chunks != len(messages) - 2 or receipt.missing_seqs:
-            raise CommitMismatchError(f"push held {receipt.num_chunks} of {len(messages) - 2} chunks")
+        if receipt.num_chunks != len(messages) - 1 or receipt.missing_seqs:
+            raise CommitMismatchError(f"push held {receipt.num_chunks} of {len(messages) - 1} chunks")
         return elapsed
 
     def pull(self, streams: int) -> float:
@@ -360,6 +364,7 @@ def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
             for n in _STREAM_COUNTS:
                 runs[f"push{n}"] = lambda n=n: worker.push(n)  # type: ignore[misc]
                 runs[f"pull{n}"] = lambda n=n: worker.pull(n)  # type: ignore[misc]
+            runs["push_serial"] = lambda: worker.push(DEFAULT_STREAMS, pipelined=False)
             runs["raw_push"] = lambda: _raw_push(channel, pieces)
             runs["raw_pull"] = lambda: _raw_pull(channel, size)
             samples = _measure(runs, lambda: _server_cpu(real.pid), lambda: _server_cpu(proc.pid or 0))
@@ -505,12 +510,14 @@ def _figures(size: int, samples: Mapping[str, list[Sample]], phases: Mapping[str
         "one_stream": {
             k: by_streams["1"][k] for k in ("push_MBps", "pull_MBps", "push_vs_tcp", "pull_vs_tcp")
         },
+        "push_serial_MBps": round(mbps["push_serial"], 1),
+        "push_serial_vs_tcp": round(mbps["push_serial"] / tcp, 3),
         "grpc_raw_push_MBps": round(mbps["raw_push"], 1),
         "grpc_raw_pull_MBps": round(mbps["raw_pull"], 1),
         "raw_push_vs_tcp": round(mbps["raw_push"] / tcp, 3),
         "raw_pull_vs_tcp": round(mbps["raw_pull"] / tcp, 3),
         "cpu_ms_per_MiB": chosen["cpu_ms_per_MiB"]
-        | {k: cpu[k] for k in ("tcp", "raw_push", "raw_pull")}
+        | {k: cpu[k] for k in ("tcp", "push_serial", "raw_push", "raw_pull")}
         | {"phases": dict(phases)},
         "by_streams": by_streams,
     }

@@ -144,6 +144,7 @@ def tune_malloc() -> None:
         mmap_threshold_bytes=MMAP_THRESHOLD_BYTES,
         trim_threshold_bytes=TRIM_THRESHOLD_BYTES,
         max_arenas=MALLOC_ARENAS,
+        top_pad_bytes=None,  # glibc's own: the server's arenas keep at most the trim threshold
     )
 
 
