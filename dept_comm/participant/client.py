@@ -28,6 +28,7 @@ from dept_comm.pull_resume import PullProgress
 from dept_comm.service import ParameterServerStub
 from dept_comm.stall import StallGuard
 from dept_comm.streaming import unsent
+from dept_comm.stripe_merge import pull_striped_into
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -139,18 +140,19 @@ class ServerClient:
         """Receive a whole pull stream (over ``streams`` stripes at once); a cut or stalled stream
         goes on from its first missing chunk (see ``dept_comm.pull_resume``). ``sink`` gets each
         message kept as it arrives (and ``restart`` when the server began another stream), so it
-        can decode while receiving; an error it raises cancels the pull and is raised. Striped
-        pulls are merged first, then handed to ``sink``.
+        can decode while receiving; an error it raises cancels the pull and is raised. The
+        stripes of a striped pull reach ``sink`` merged as they arrive, in seq order
+        (``dept_comm.stripe_merge``: at most a few chunks per stripe wait in between).
 
-        Returns the stream's messages; with a ``sink`` and one stream, only the open and the
-        commit: the chunks went to the sink and are not held twice (a body-sized saving)."""
+        Returns the stream's messages; with a ``sink``, only the open and the commit: the chunks
+        went to the sink and are not held twice (a body-sized saving)."""
         if self.streams == 1:
             return self._pull_stream(request, sink=sink)
-        messages = pull_striped(self._pull_stream, request, self.streams)
         if sink is not None:
-            for msg in messages:
-                sink.add(msg)
-        return messages
+            return pull_striped_into(
+                lambda stripe, into: self._pull_stream(stripe, sink=into), request, self.streams, sink
+            )
+        return pull_striped(self._pull_stream, request, self.streams)
 
     def _pull_stream(
         self, request: service_pb2.PullRequest, *, sink: PullSink | None = None

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import torch
 
 from dept_comm.channel import open_channel
@@ -226,3 +228,33 @@ def reset_at(
             wait_for(ready, 30, what)
             proxy.reset_all()
         yield item
+
+
+class Unavailable(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """What a call cut by the network raises (retried by the client)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "cut by the test"
+
+
+class CutAfter:
+    """A pull call cut after ``n`` messages with UNAVAILABLE, as a dropped link would."""
+
+    def __init__(self, stream: Any, n: int) -> None:
+        self.stream, self.n, self.i = stream, n, 0
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+    def __iter__(self) -> CutAfter:
+        return self
+
+    def __next__(self) -> WireItem:
+        if self.i == self.n:
+            self.stream.cancel()
+            raise Unavailable()
+        self.i += 1
+        return next(self.stream)  # type: ignore[no-any-return]

@@ -7,13 +7,21 @@ import pytest
 
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import InvalidInputError
-from dept_comm.frames import WireItem
+from dept_comm.frames import WireItem, kind_of
 from dept_comm.parallel import merge_stripes, run_all, split_push, stripe_request
 from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
 from dept_comm.streaming import PULL_LIMITS, PullReceiver, receive_stream
-from tests.integration.servers import join_and_pull, pull_until, raw_peer, seqs, serving, worker_upload
+from tests.integration.servers import (
+    CutAfter,
+    join_and_pull,
+    pull_until,
+    raw_peer,
+    seqs,
+    serving,
+    worker_upload,
+)
 
 
 @pytest.mark.parametrize("streams", [2, 3, 7])
@@ -45,10 +53,41 @@ def test_a_striped_pull_into_a_decoding_sink_gives_the_same_tensors(tmp_path):
         try:
             joined = join_and_pull(client)
             sink = PullReceiver(limits=PULL_LIMITS)
-            client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True), sink=sink)
+            got = client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True), sink=sink)
+            assert [kind_of(m) for m in got] == ["open", "commit"]  # merged into the sink as they came
             info, tensors = sink.result()
             assert info.target_digest == joined.info.target_digest
             assert tensors_digest(tensors) == tensors_digest(joined.body) == info.target_digest
+        finally:
+            client.close()
+
+
+def test_a_striped_pull_into_a_sink_resumes_a_cut_stripe(tmp_path, monkeypatch):
+    """Stripe 1 of 2 is cut after its open and first chunk (UNAVAILABLE, as a dropped link): it
+    alone goes on from its next seq, and the sink gets the whole stream once, in order."""
+    with serving(tmp_path) as server:
+        client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20, streams=2)
+        try:
+            joined = join_and_pull(client)
+            requests: list[service_pb2.PullRequest] = []
+            real = client._stub.PullBody
+
+            def cut_stripe_1_once(request, **kw):
+                requests.append(request)
+                stream = real(request, **kw)
+                if request.stream_index != 1 or request.resume_from_seq:
+                    return stream
+                return CutAfter(stream, 2)
+
+            monkeypatch.setattr(client._stub, "PullBody", cut_stripe_1_once)
+            sink = PullReceiver(limits=PULL_LIMITS)
+            got = client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True), sink=sink)
+            resumed = [r for r in requests if r.resume_from_seq]
+            assert len(requests) == 3 and len(resumed) == 1
+            assert resumed[0].stream_index == 1 and resumed[0].resume_from_seq == 2  # seq 1 was held
+            assert [kind_of(m) for m in got] == ["open", "commit"]
+            info, tensors = sink.result()
+            assert tensors_digest(tensors) == info.target_digest == server.app.model.digest
         finally:
             client.close()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import grpc
 import pytest
 
 from dept_comm.digest import tensors_digest
@@ -13,7 +12,15 @@ from dept_comm.participant.client import ServerClient
 from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
 from dept_comm.streaming import PULL_LIMITS, PullReceiver, receive_stream
-from tests.integration.servers import join_and_pull, pull_until, random_delta, raw_peer, seqs, serving
+from tests.integration.servers import (
+    CutAfter,
+    join_and_pull,
+    pull_until,
+    random_delta,
+    raw_peer,
+    seqs,
+    serving,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -86,37 +93,10 @@ def test_the_worker_client_resumes_a_pull_cut_by_the_network(tmp_path, monkeypat
             requests: list[service_pb2.PullRequest] = []
             real = client._stub.PullBody
 
-            class Cut(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-                def code(self) -> grpc.StatusCode:
-                    return grpc.StatusCode.UNAVAILABLE
-
-                def details(self) -> str:
-                    return "cut by the test"
-
             def cut_once(request, **kw):
                 requests.append(request)
                 stream = real(request, **kw)
-                if len(requests) > 1:
-                    return stream
-
-                class CutStream:  # the call, cut after 3 messages as a dropped link would
-                    def __init__(self) -> None:
-                        self.i = 0
-
-                    def cancel(self) -> None:
-                        stream.cancel()
-
-                    def __iter__(self):
-                        return self
-
-                    def __next__(self):
-                        if self.i == 3:
-                            stream.cancel()
-                            raise Cut()
-                        self.i += 1
-                        return next(stream)
-
-                return CutStream()
+                return stream if len(requests) > 1 else CutAfter(stream, 3)
 
             monkeypatch.setattr(client._stub, "PullBody", cut_once)
             request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
