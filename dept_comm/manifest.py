@@ -318,6 +318,11 @@ class TensorStage:
         self._sums[chunk_idx] = checksum
         self.held.add(chunk_idx)
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the staged bytes are in memory (not spilled to a file)."""
+        return isinstance(self._buf, MemoryBacking)
+
     def view(self, chunk_idx: int) -> memoryview:
         """The stored bytes of chunk ``chunk_idx``."""
         return self._backing().read(chunk_idx * self.step, self.chunk_size(chunk_idx))

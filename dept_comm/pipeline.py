@@ -30,7 +30,7 @@ import torch
 from dept_comm.digest import check_finite, count_nonfinite
 from dept_comm.errors import CommitMismatchError
 from dept_comm.frames import StreamItem, as_message, kind_of
-from dept_comm.manifest import TensorStage
+from dept_comm.manifest import TensorStage, is_same_bytes
 from dept_comm.pb import tensor_pb2 as pb
 
 __all__ = ["ArrivalChecks", "PipelinedUpload", "checked_squared_norm", "squared_norm"]
@@ -156,13 +156,38 @@ def squared_norm(t: torch.Tensor, *, require_finite: bool = False, name: str = "
 
 
 def _block_squares(t: torch.Tensor, dtype: type[np.floating[Any]]) -> float:
-    flat = t.detach().contiguous().reshape(-1).numpy()
-    total = 0.0
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN: the caller looks at the sum
+    return _sum_in_order([_block_dots(t.detach().contiguous().reshape(-1).numpy(), dtype)])
+
+
+def _block_dots(flat: np.ndarray[Any, Any], dtype: type[np.floating[Any]]) -> list[float]:
+    """Each block's sum of squares, in ``dtype`` (overflow and NaN left to the caller's sum)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = []
         for i in range(0, flat.size, _NORM_BLOCK):
             block = flat[i : i + _NORM_BLOCK].astype(dtype, copy=False)
-            total += float(np.dot(block, block))
+            out.append(float(np.dot(block, block)))
+        return out
+
+
+def _sum_in_order(runs: Iterable[list[float]]) -> float:
+    total = 0.0  # one float64 addition after another, block by block: the same sum on every path
+    for run in runs:
+        for v in run:
+            total += v
     return total
+
+
+def _squares_by_chunk(stage: TensorStage) -> bool:
+    """Whether a tensor's squares can be taken chunk by chunk as it arrives, adding up to exactly
+    :func:`squared_norm`'s: float32 sent as its own bytes, staged in memory (each block then lies
+    where the whole tensor's would, so each dot product is the same), cut at block boundaries."""
+    spec = stage.spec
+    return (
+        stage.in_memory
+        and spec.dtype == torch.float32
+        and is_same_bytes(stage.codec.name, spec.dtype)
+        and (stage.num_chunks == 1 or stage.step % (4 * _NORM_BLOCK) == 0)
+    )
 
 
 def checked_squared_norm(stage: TensorStage, require_finite: bool) -> float:
@@ -189,10 +214,41 @@ class ArrivalChecks:
         self._executor = executor
         self._results: dict[int, float | Exception] = {}
         self._pending: dict[int, Future[None]] = {}
+        self._dots: dict[int, list[list[float] | None]] = {}  # tensor -> each chunk's block squares
+        self._whole: set[int] = set()  # tensors whose squares are taken whole (not chunk by chunk)
+        self.by_chunk = 0  # tensors checked from their chunks' squares
+
+    def chunk(self, idx: int, stage: TensorStage, chunk_idx: int) -> None:
+        """Chunk ``chunk_idx`` of tensor ``idx`` was staged: take its blocks' squares now, from
+        the staging while its bytes are in the cache (see :func:`_squares_by_chunk`), so that the
+        tensor's check needs no pass of its own."""
+        dots = self._dots.get(idx)
+        if dots is None:
+            if idx in self._whole or not _squares_by_chunk(stage):
+                self._whole.add(idx)
+                return
+            dots = self._dots[idx] = [None] * stage.num_chunks
+        dots[chunk_idx] = _block_dots(np.frombuffer(stage.view(chunk_idx), dtype=np.float32), np.float32)
 
     def submit(self, idx: int, stage: TensorStage, require_finite: bool) -> None:
         """Check tensor ``idx`` in a slot: on the executor if there is one (and it still takes
-        work), else now. The stage's bytes must stay until the check ended (:meth:`settle`)."""
+        work), else now. The stage's bytes must stay until the check ended (:meth:`settle`).
+
+        A tensor whose chunks' squares were all taken as they came (:meth:`chunk`) and add up to
+        a finite sum is checked here at once: its digest, and the sum as its squared norm (the
+        same float64 additions in the same order as :func:`squared_norm`'s). A sum that is not
+        finite goes the whole way (count the NaN/Inf, or sum again in float64)."""
+        dots = self._dots.pop(idx, None)
+        if dots is not None and all(d is not None for d in dots):
+            total = _sum_in_order(d for d in dots if d is not None)
+            if math.isfinite(total):
+                self.by_chunk += 1
+                try:
+                    stage.verify_digest()
+                    self._results[idx] = total
+                except Exception as err:  # refused at the commit, as a check's error is
+                    self._results[idx] = err
+                return
         if self._executor is not None:
             try:
                 self._pending[idx] = self._executor.submit(self._slotted, idx, stage, require_finite)
@@ -240,3 +296,5 @@ class ArrivalChecks:
         self.settle()
         self._pending.clear()
         self._results.clear()
+        self._dots.clear()
+        self._whole.clear()

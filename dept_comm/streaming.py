@@ -255,6 +255,8 @@ class StreamReceiver:
             self._names.add(new.spec.name)
             self._raw_total += new.spec.numel * 4
         stage.store(c.chunk_idx, data, checksum)
+        if self._checks is not None:
+            self._checks.chunk(c.tensor_idx, stage, c.chunk_idx)
         self._staged_bytes += len(data)
         self._held[c.seq] = (c.tensor_idx, c.chunk_idx)
         self._max_seq = max(self._max_seq, c.seq)

@@ -16,6 +16,7 @@ from dept_comm.codecs.feedback import ErrorFeedback
 from dept_comm.errors import NonFiniteError, StreamOrderError
 from dept_comm.frames import StreamItem, as_message, kind_of, to_wire
 from dept_comm.pipeline import PipelinedUpload
+from dept_comm.staging import StagingArea
 from dept_comm.streaming import PullReceiver, StreamConfig, StreamOpenInfo, StreamReceiver, encode_stream
 
 CHUNK = 4 << 10
@@ -118,7 +119,7 @@ def test_checks_on_an_executor_run_off_the_receiving_thread_and_give_the_same_no
 
 
 def test_discard_waits_for_the_checks_reading_the_staged_bytes() -> None:
-    messages = list(stream(deltas(6), None, codec="fp32"))
+    messages = list(stream(deltas(6), None, codec="int8"))  # int8: every check goes to the pool
     gate = threading.Event()
     slots = threading.BoundedSemaphore(1)
     with ThreadPoolExecutor(1) as pool:
@@ -203,3 +204,65 @@ def test_squared_norm_of_finite_values_past_float32_squares_is_exact() -> None:
     want = float(t.double().square().sum())
     assert math.isfinite(want)
     assert squared_norm(t, require_finite=True) == pytest.approx(want, rel=1e-9)
+
+
+BLOCK_BYTES = 256 << 10  # squared_norm's block: 64 Ki float32
+
+
+def fp32_stream(tensors: dict[str, torch.Tensor], chunk_bytes: int) -> list[StreamItem]:
+    info = StreamOpenInfo(upload_id="u-2", sender_id="w", is_delta=True)
+    config = StreamConfig(chunk_bytes=chunk_bytes)
+    return list(encode_stream(tensors, open_info=info, codec=get_codec("fp32"), config=config))
+
+
+def big_deltas(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)  # one, two and three chunks of 256 KiB, last ones partial
+    sizes = (1000, 64 << 10, (64 << 10) + 5, (160 << 10) + 3)
+    return {f"t{i}": torch.randn(n, generator=gen) * 0.01 for i, n in enumerate(sizes)}
+
+
+class NoPool(ThreadPoolExecutor):
+    def submit(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+        raise AssertionError("a float32 tensor cut at block boundaries needs no check of its own")
+
+
+@pytest.mark.parametrize("spilled", [False, True])
+def test_float32_squares_taken_chunk_by_chunk_give_the_whole_pass_norm_bit_for_bit(tmp_path, spilled) -> None:
+    """Chunks cut at squared_norm's block boundaries: each chunk's squares are taken as it is
+    staged, and the tensor's check adds them up, the same float64 additions in the same order as
+    the whole pass at the commit (equal, not close). Spilled to files, the whole pass runs."""
+    messages = fp32_stream(big_deltas(7), BLOCK_BYTES)
+    plain = receiver(messages)
+    staging = StagingArea(tmp_path, 0).upload() if spilled else None
+    with NoPool(1) if not spilled else ThreadPoolExecutor(1) as pool:
+        rx = receiver(messages, check_on_arrival=True, check_executor=pool, staging=staging)
+        rx.settle_checks()
+    assert rx._checks.by_chunk == (0 if spilled else len(big_deltas(7)))  # type: ignore[union-attr]
+    assert rx.checked_on_arrival == len(big_deltas(7))
+    assert rx.validate() == plain.validate() > 0
+    got = dict(rx.named_tensors())
+    assert all(torch.equal(got[k], t) for k, t in big_deltas(7).items())
+
+
+def test_chunks_off_the_block_boundaries_are_checked_whole() -> None:
+    messages = fp32_stream(big_deltas(8), 100 << 10)  # 100 KiB: not a whole number of blocks
+    rx = receiver(messages, check_on_arrival=True)
+    assert rx._checks.by_chunk == 1  # type: ignore[union-attr]  # only the one-chunk tensor
+    assert rx.validate() == receiver(messages).validate()
+
+
+def test_nan_and_float32_overflow_go_the_whole_way_from_chunk_squares() -> None:
+    tensors = big_deltas(9)
+    tensors["t2"][65_538] = math.nan  # in its second chunk
+    messages = fp32_stream(tensors, BLOCK_BYTES)
+    rx = receiver(messages, check_on_arrival=True)
+    with pytest.raises(NonFiniteError, match="t2"):
+        rx.validate()
+    # Every value finite but squares past float32's range: summed again in float64, as whole.
+    tensors = big_deltas(9)
+    tensors["t3"] *= 1e20
+    messages = fp32_stream(tensors, BLOCK_BYTES)
+    rx = receiver(messages, check_on_arrival=True)
+    assert rx._checks.by_chunk == 3  # type: ignore[union-attr]
+    norm = rx.validate()
+    assert math.isfinite(norm) and norm == receiver(messages).validate() > 1e20
