@@ -62,10 +62,20 @@ class _Ahead(Generic[T]):
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.05)
-                return True
             except queue.Full:
                 continue
+            if self._stop.is_set():  # closed while this put went on: what it put is nobody's
+                self._drain()
+                return False
+            return True
         return False
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
 
     def __iter__(self) -> Iterator[T]:
         while True:
@@ -79,11 +89,8 @@ class _Ahead(Generic[T]):
     def close(self) -> None:
         """The handler is done: the helper stops queueing (it leaves once gRPC ends the stream)."""
         self._stop.set()
-        while True:  # free what was queued now, not when the helper leaves
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                return
+        self._drain()  # free what was queued now, not when the helper leaves (a put racing this
+        # drain is drained by the helper itself)
 
 
 class ReadAhead:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dept_comm.readahead import ReadAhead
+from dept_comm.readahead import ReadAhead, _Ahead
 
 
 def helpers(name: str) -> list[threading.Thread]:
@@ -127,3 +127,23 @@ def test_bad_settings_are_refused() -> None:
         ReadAhead(depth=0)
     with ReadAhead(streams=0).reading(iter([1])) as same:  # 0: never read ahead
         assert list(same) == [1]
+
+
+def test_a_message_put_while_the_handler_closes_is_not_left_queued() -> None:
+    """The handler leaves (close: stop, then drain) while the helper is inside its put: what that
+    put queues after the drain is drained by the helper, not held until the call ends."""
+    feed = Feed()
+    ahead = _Ahead(feed, 4, threading.Semaphore(0), "ra-race")
+    real_put = ahead._queue.put
+
+    def put_racing_close(item: object, *args: object, **kwargs: object) -> None:
+        ahead.close()  # the handler closes between the helper's check and its put
+        real_put(item, *args, **kwargs)
+
+    ahead._queue.put = put_racing_close  # type: ignore[method-assign]
+    feed.q.put("late")
+    assert wait_until(lambda: feed.taken == 1)
+    feed.q.put(StopIteration)
+    ahead._thread.join(5)
+    assert not ahead._thread.is_alive()
+    assert ahead._queue.qsize() == 0
