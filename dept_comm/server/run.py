@@ -14,7 +14,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
 
-from dept_comm.channel import MESSAGE_HEADROOM_BYTES, bind, build_server, server_options
+from dept_comm.channel import bind, build_server, server_options
 from dept_comm.memory import keep_freed_memory, release_freed_memory
 from dept_comm.service import SERVICE_NAME, add_parameter_server
 from dept_comm.staging import STAGING_KEEP_S
@@ -32,11 +32,14 @@ logger = logging.getLogger(__name__)
 OVERALL = ""  # the health service's name for the server as a whole
 HEALTH_THREADS = 2
 TRIM_THRESHOLD_BYTES = 64 << 20
-# Just above a default chunk's message (1 MiB of payload plus framing): gRPC copies every message
-# it sends or receives into a buffer of that size, which must come from (and go back to) the heap;
-# mapped afresh per message, a pull from a freshly trimmed heap page-faulted twice its size
-# (~131,500 faults per 256 MiB pull: 700 MB/s against 1.5-1.8 GB/s on loopback here).
-MMAP_THRESHOLD_BYTES = (1 << 20) + MESSAGE_HEADROOM_BYTES
+# Blocks of 1 MiB and more are mapped on their own, gRPC's copy of every 1 MiB chunk message among
+# them: a pull from a trimmed heap (a round's first pulls) maps and faults in each message afresh
+# (~131,500 faults per 256 MiB pull; 553-733 MB/s on loopback against 1.5-1.8 GB/s from a warm
+# heap). A threshold just above a message (1 MiB + 64 KiB), or down-link chunks of 960 KiB, ends
+# that, but each raised `dept-bench load --runs 64x64`'s peak (0.1-0.2x body above 1 MiB in each
+# interleaved pair) and each passed 4x body once (4.15, 4.28), where this setting stayed at
+# 3.36-3.93 in eight runs: kept at 1 MiB (docs/SCALE.md).
+MMAP_THRESHOLD_BYTES = 1 << 20
 MALLOC_ARENAS = 2
 TRIM_EVERY_TICKS = (
     4  # 2 s  # health calls run here, never queued behind streams and long polls on the RPC pool
@@ -137,14 +140,13 @@ def _add_health(server: grpc.Server) -> health.HealthServicer:
 
 
 def tune_malloc() -> None:
-    """The server's allocator settings (glibc): blocks larger than a default chunk's message
-    (decoded tensors, staging buffers) are mapped and unmapped on their own, smaller ones
-    (messages and gRPC's copies of them among them) come from at most 2 arenas that keep at most
-    64 MiB free at their top; the round ticker also trims every few seconds. Measured with
-    ``dept-bench load`` (32 workers x 64 MiB body, docs/SCALE.md): with a 32 MiB mmap threshold,
-    freed tensors of concurrent commits left holes that kept the peak ~300 MiB higher (and the
-    idle server 64 MiB); the workers' default (every thread its own arena, 1 GiB kept) left the
-    peak 2.7 GB above idle. A threshold of exactly 1 MiB mapped every message afresh instead."""
+    """The server's allocator settings (glibc): blocks of 1 MiB and more (decoded tensors, chunk
+    payloads, staging buffers) are mapped and unmapped on their own, smaller ones come from at
+    most 2 arenas that keep at most 64 MiB free at their top; the round ticker also trims every
+    few seconds. Measured with ``dept-bench load`` (32 workers x 64 MiB body, docs/SCALE.md):
+    with a 32 MiB mmap threshold, freed tensors of concurrent commits left holes that kept the
+    peak ~300 MiB higher (and the idle server 64 MiB); the workers' default (every thread its own
+    arena, 1 GiB kept) left the peak 2.7 GB above idle."""
     keep_freed_memory(
         mmap_threshold_bytes=MMAP_THRESHOLD_BYTES,
         trim_threshold_bytes=TRIM_THRESHOLD_BYTES,
