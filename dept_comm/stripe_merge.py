@@ -68,11 +68,18 @@ class StripeMerger:
         self._commits: dict[int, pb.Commit] = {}
         self._waiting: dict[int, WireItem] = {}  # seq -> chunk that came before its turn
         self._next = 0  # the seq the sink gets next
+        self._ended: set[int] = set()  # stripes whose pull returned
         self.failure: BaseException | None = None
         self.peak_waiting = 0
 
     def stripe(self, index: int) -> _Stripe:
         return _Stripe(self, index)
+
+    def ended(self, index: int) -> None:
+        """Stripe ``index``'s pull returned: nothing more comes from it."""
+        with self._cond:
+            self._ended.add(index)
+            self._cond.notify_all()
 
     def fail(self, err: BaseException) -> None:
         """A stripe failed: every other stops at its next message (the first failure is kept)."""
@@ -93,7 +100,7 @@ class StripeMerger:
             elif kind == "commit":
                 self._add_commit(index, as_message(msg).commit)
             elif (chunk := chunk_of(msg)) is not None:
-                self._add_chunk(chunk.seq, msg)
+                self._add_chunk(index, chunk.seq, msg)
             else:
                 self._sink.add(msg)  # anything else: the sink says what is wrong with it
 
@@ -117,12 +124,19 @@ class StripeMerger:
                 raise StripeMismatchError(f"stripe {index} ends with a different commit")
         self._commits[index] = commit
 
-    def _add_chunk(self, seq: int, msg: WireItem) -> None:
+    def _add_chunk(self, index: int, seq: int, msg: WireItem) -> None:
         if self._open is None:
             raise StreamOrderError(f"chunk seq={seq} before the stream's open")
+        if seq % self._count != index:
+            raise StreamOrderError(f"stripe {index} of {self._count} carried chunk seq={seq}")
         if seq < self._next or seq in self._waiting:
             return  # already handed on or held (a resend)
+        if self._next % self._count == index and seq > self._next:
+            raise StreamOrderError(f"stripe {index} skipped chunk seq={self._next}")  # it comes in order
         while seq - self._next >= self.window:  # too far ahead: wait for the others
+            owner = self._next % self._count
+            if owner in self._ended:
+                raise StreamOrderError(f"stripe {owner} ended without chunk seq={self._next}")
             self._cond.wait()
             self._check_live()
         self._waiting[seq] = msg
@@ -175,10 +189,12 @@ def pull_striped_into(
         def one(i: int, merger: StripeMerger = merger) -> Callable[[], object]:
             def call() -> object:
                 try:
-                    return pull_one(stripe_request(request, i, count), merger.stripe(i))
+                    got = pull_one(stripe_request(request, i, count), merger.stripe(i))
                 except BaseException as err:
                     merger.fail(err)
                     raise
+                merger.ended(i)
+                return got
 
             return call
 

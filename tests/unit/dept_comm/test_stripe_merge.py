@@ -12,6 +12,7 @@ import torch
 
 from dept_comm.codecs import get_codec
 from dept_comm.digest import tensors_digest
+from dept_comm.errors import StreamOrderError
 from dept_comm.frames import WireItem, chunk_of, kind_of
 from dept_comm.manifest import MIN_CHUNK_BYTES
 from dept_comm.parallel import StripeMismatchError
@@ -170,3 +171,31 @@ def test_stripes_that_keep_disagreeing_fail_after_the_attempts():
     with pytest.raises(StripeMismatchError):
         pull_striped_into(pull_one, REQUEST, 2, sink, attempts=2)
     assert sink.restarts == 2
+
+
+def test_a_stripe_that_skips_a_chunk_fails_the_pull_instead_of_hanging_it():
+    stream = _stream(_body(10), 1)
+    stripes = [_stripe(stream, i, 2) for i in range(2)]
+    del stripes[0][2]  # stripe 0 never sends seq 2 (its second chunk)
+    t0 = time.monotonic()
+    with pytest.raises(StreamOrderError, match="skipped chunk seq=2"):
+        pull_striped_into(_feeder(stripes), REQUEST, 2, Recording(), window=2)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_stripe_that_ends_early_fails_the_waiting_ones_instead_of_hanging_them():
+    stream = _stream(_body(11), 1)
+    stripes = [_stripe(stream, i, 2) for i in range(2)]
+    stripes[0] = stripes[0][:3]  # stripe 0 ends after seq 2 (no more chunks, no commit)
+    t0 = time.monotonic()
+    with pytest.raises(StreamOrderError, match="stripe 0 ended without chunk seq=4"):
+        pull_striped_into(_feeder(stripes), REQUEST, 2, Recording(), window=2)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_chunk_in_the_wrong_stripe_is_refused():
+    stream = _stream(_body(12), 1)
+    stripes = [_stripe(stream, i, 2) for i in range(2)]
+    stripes[0].insert(2, stripes[1][1])  # seq 1 in stripe 0
+    with pytest.raises(StreamOrderError, match="stripe 0 of 2 carried chunk seq=1"):
+        pull_striped_into(_feeder(stripes), REQUEST, 2, Recording())
