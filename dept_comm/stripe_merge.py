@@ -12,7 +12,9 @@ the merger holds at most ``window`` chunks.
 Each stripe still resumes on its own after a cut (``PullProgress`` in the client). A stripe of
 another stream (a version closed between the stripes' starts, or during a resume) makes the
 whole pull start again, into a restarted sink, ``attempts`` times at most. A stripe's failure
-stops the others at once and is what the pull raises.
+stops the others at once and is what the pull raises. A stripe that skips a chunk, carries
+another stripe's seq, or ends while the others wait for one of its chunks fails the pull
+(``StreamOrderError``) rather than leaving it waiting.
 """
 
 from __future__ import annotations
@@ -70,7 +72,6 @@ class StripeMerger:
         self._next = 0  # the seq the sink gets next
         self._ended: set[int] = set()  # stripes whose pull returned
         self.failure: BaseException | None = None
-        self.peak_waiting = 0
 
     def stripe(self, index: int) -> _Stripe:
         return _Stripe(self, index)
@@ -140,7 +141,6 @@ class StripeMerger:
             self._cond.wait()
             self._check_live()
         self._waiting[seq] = msg
-        self.peak_waiting = max(self.peak_waiting, len(self._waiting))
         while self._next in self._waiting:
             self._sink.add(self._waiting.pop(self._next))
             self._next += 1
