@@ -52,8 +52,9 @@ def test_an_upload_encoded_on_a_thread_reuses_its_memory_next_round() -> None:
     got = _faults(str(64 << 20))
     if not got["ok"]:
         pytest.skip("no glibc mallopt here")
-    pages = (128 << 20) // 4096
     faults = got["faults"]
     assert isinstance(faults, list)
-    assert faults[0] > pages // 2  # the first round maps its frames: the measure sees faults
-    assert max(faults[1:]) < pages // 16, faults
+    # The first round maps its frames in (32,768 faults of 4 KiB pages here; fewer with huge
+    # pages); the later ones reuse them (1 each here, 16,645 each without the pad).
+    assert faults[0] > 0
+    assert max(faults[1:]) * 16 <= faults[0], faults

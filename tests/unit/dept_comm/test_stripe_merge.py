@@ -113,7 +113,10 @@ def test_a_stripe_far_ahead_waits_and_the_merger_holds_at_most_its_window():
         kwargs={"window": 3},
     )
     merged.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while handed[1] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time to go further, if it could
     # Seq 2 (stripe 0's) is due; stripe 1 handed on seq 1 and seq 3 (waiting in the merger) and
     # waits with seq 5, a window of 3 past seq 2.
     assert sink.seqs == [0, 1]
