@@ -217,9 +217,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     ServerApp, servicer, admission, staging, down-link frames, fp32 both ways) and a minimal server
     (``_serve``) with the TCP sink and gRPC's own floor (``grpc_raw_*``: the same bytes as prebuilt
     1 MiB messages, no protobuf and no checks). The client is ``dept_comm.participant.client.ServerClient``
-    as dept-worker uses it: a push encodes the update (timed) and streams it until the server's
-    receipt holds every chunk (staged, every chunk checksum verified; the commit's digest check is
-    CommitUpdate's, not timed); a pull streams the whole body, merges its stripes and decodes every
+    as dept-worker uses it: a push encodes the update on a background thread while it streams it
+    (``PipelinedUpload``, timed from the start of the encode) until the server's receipt holds
+    every chunk (staged, every chunk checksum verified; the commit's digest check is
+    CommitUpdate's, not timed), and ``push_serial`` encodes first, then sends; a pull streams the whole body, merges its stripes and decodes every
     tensor with ``receive_stream`` (checksums, tensor digests, commit digest), then checks the body
     digest against the server's (untimed, but in the CPU figures). All runs are interleaved, after
     one untimed warm-up pass.
