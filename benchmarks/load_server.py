@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dept_comm.memory import keep_freed_memory
-from dept_comm.server.run import tune_malloc
+from dept_comm.server.run import freeze_startup_heap, tune_malloc
 from dept_server.config import ServerConfig  # type: ignore[import-not-found]  # mypy checks server/ as "server"
 from dept_server.initial import describe_run  # type: ignore[import-not-found]
 from dept_server.serve import start_dept_server  # type: ignore[import-not-found]
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     initial = (body, "", info)
     running = start_dept_server(config, initial)
     del body, initial
+    if not os.environ.get("DEPT_NO_FREEZE"):  # an experiment: the collector scans everything
+        freeze_startup_heap()  # as dept-server's CLI does (dept_comm.server.run.run)
     print(json.dumps({"port": running.port}), flush=True)
     app = running.app
     app.finished.wait()

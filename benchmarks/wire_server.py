@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from dept_comm.memory import keep_freed_memory
-from dept_comm.server.run import tune_malloc
+from dept_comm.server.run import freeze_startup_heap, tune_malloc
 from dept_server.config import ServerConfig  # type: ignore[import-not-found]  # mypy checks server/ as "server"
 from dept_server.initial import describe_run  # type: ignore[import-not-found]
 from dept_server.serve import start_dept_server  # type: ignore[import-not-found]
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             config, body_params=numel, vocab_size=0, vocab_digest="", full_model_fp32_bytes=4 * numel
         )
         running = start_dept_server(config, (body, "", info))
+        freeze_startup_heap()  # as dept-server's CLI does (dept_comm.server.run.run)
         del body, info
         print(json.dumps({"port": running.port}), flush=True)
         sys.stdin.read()  # until the benchmark closes our stdin (or dies)

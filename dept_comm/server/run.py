@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -237,13 +238,28 @@ def start_server(
     return RunningServer(app, server, port, metrics_server, metrics_port, stop, health_servicer, ticker)
 
 
+def freeze_startup_heap() -> None:
+    """Collect, then leave everything built so far (the model, torch, gRPC, the modules) out of
+    the cyclic garbage collector's scans (``gc.freeze``): the objects each message of a stream
+    allocates trigger collections, and the oldest generation's scans then walk only what the run
+    made since. Measured with ``dept_comm.server`` behind ``dept-bench wire``'s server, two servers
+    side by side, both launch orders: push best 2230 against 1984 and 2105 against 2045 MB/s,
+    medians 1861 against 1720 and 1867 against 1717 (frozen first). For a server process's CLI,
+    once, after start-up; objects frozen stay until exit, so never from library code that may
+    run many servers in one process."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(running: RunningServer, stop_requested: threading.Event, *, final_eval_wait_s: float = 60.0) -> int:
     """Serve a started server until the last round closed (or a stop is requested); print the
-    listening line first and the summary last.
+    listening line first and the summary last. Start-up's objects leave the garbage collector's
+    scans first (:func:`freeze_startup_heap`): ``run`` is the CLIs' loop.
 
     A stop request (SIGTERM/SIGINT in the CLI) stops gracefully and checkpoints an unfinished run.
     The caller should hold no reference to the initial tensors (the first round replaces them).
     """
+    freeze_startup_heap()
     config = running.app.config
     print(
         json.dumps({"event": "listening", "port": running.port, "metrics_port": running.metrics_port}),
