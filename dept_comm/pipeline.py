@@ -215,18 +215,16 @@ class ArrivalChecks:
         self._results: dict[int, float | Exception] = {}
         self._pending: dict[int, Future[None]] = {}
         self._dots: dict[int, list[list[float] | None]] = {}  # tensor -> each chunk's block squares
-        self._whole: set[int] = set()  # tensors whose squares are taken whole (not chunk by chunk)
         self.by_chunk = 0  # tensors checked from their chunks' squares
 
     def chunk(self, idx: int, stage: TensorStage, chunk_idx: int) -> None:
         """Chunk ``chunk_idx`` of tensor ``idx`` was staged: take its blocks' squares now, from
         the staging while its bytes are in the cache (see :func:`_squares_by_chunk`), so that the
         tensor's check needs no pass of its own."""
+        if not _squares_by_chunk(stage):
+            return
         dots = self._dots.get(idx)
         if dots is None:
-            if idx in self._whole or not _squares_by_chunk(stage):
-                self._whole.add(idx)
-                return
             dots = self._dots[idx] = [None] * stage.num_chunks
         dots[chunk_idx] = _block_dots(np.frombuffer(stage.view(chunk_idx), dtype=np.float32), np.float32)
 
@@ -297,4 +295,3 @@ class ArrivalChecks:
         self._pending.clear()
         self._results.clear()
         self._dots.clear()
-        self._whole.clear()
