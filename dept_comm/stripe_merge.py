@@ -29,13 +29,13 @@ from dept_comm.parallel import StripeMismatchError, run_all, stripe_request
 from dept_comm.pb import service_pb2
 from dept_comm.pb import tensor_pb2 as pb
 
-__all__ = ["StripeMerger", "StripesStoppedError", "pull_striped_into"]
+__all__ = ["PullSink", "StripeMerger", "StripesStoppedError", "pull_striped_into"]
 
 WINDOW_PER_STRIPE = 8  # chunks the merger may hold per stripe (8 MiB of 1 MiB chunks)
 
 
-class Sink(Protocol):
-    """What takes a pull's messages (``dept_comm.participant.client.PullSink``)."""
+class PullSink(Protocol):
+    """Takes a pull's messages as they arrive (``dept_comm.streaming.PullReceiver``)."""
 
     def add(self, msg: WireItem) -> None: ...
 
@@ -62,7 +62,7 @@ class _Stripe:
 class StripeMerger:
     """Merges ``count`` stripes of one pull into ``sink`` as they arrive (one per thread)."""
 
-    def __init__(self, sink: Sink, count: int, *, window: int | None = None) -> None:
+    def __init__(self, sink: PullSink, count: int, *, window: int | None = None) -> None:
         self._sink, self._count = sink, count
         self.window = window if window is not None else WINDOW_PER_STRIPE * count
         self._cond = threading.Condition()
@@ -164,10 +164,10 @@ class StripeMerger:
 
 
 def pull_striped_into(
-    pull_one: Callable[[service_pb2.PullRequest, Sink], object],
+    pull_one: Callable[[service_pb2.PullRequest, PullSink], object],
     request: service_pb2.PullRequest,
     count: int,
-    sink: Sink,
+    sink: PullSink,
     *,
     attempts: int = 3,
     window: int | None = None,

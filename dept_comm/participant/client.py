@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -28,20 +28,12 @@ from dept_comm.pull_resume import PullProgress
 from dept_comm.service import ParameterServerStub
 from dept_comm.stall import StallGuard
 from dept_comm.streaming import unsent
-from dept_comm.stripe_merge import pull_striped_into
+from dept_comm.stripe_merge import PullSink, pull_striped_into
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 WATCH_REOPEN_S = 60.0  # a WatchRounds stream is reopened this often (it first sends the current round)
 _current_session: list[str] = []  # this process's latest session credential, for a Leave on a signal
-
-
-class PullSink(Protocol):
-    """Takes a pull's messages as they arrive (``dept_comm.streaming.PullReceiver``)."""
-
-    def add(self, msg: WireItem) -> None: ...
-
-    def restart(self) -> None: ...
 
 
 def current_session() -> str | None:

@@ -19,7 +19,7 @@ from dept_comm.parallel import StripeMismatchError
 from dept_comm.pb import service_pb2
 from dept_comm.sending import StreamConfig, StreamOpenInfo, encode_stream
 from dept_comm.streaming import PULL_LIMITS, PullReceiver
-from dept_comm.stripe_merge import Sink, pull_striped_into
+from dept_comm.stripe_merge import PullSink, pull_striped_into
 
 REQUEST = service_pb2.PullRequest(worker_id="w", full=True)
 
@@ -68,7 +68,7 @@ class Recording:
 def _feeder(stripes, *, before=None):
     """pull_one over prepared stripes; ``before(index, position)`` runs before each message."""
 
-    def pull_one(request: service_pb2.PullRequest, into: Sink) -> None:
+    def pull_one(request: service_pb2.PullRequest, into: PullSink) -> None:
         for position, msg in enumerate(stripes[request.stream_index]):
             if before is not None:
                 before(request.stream_index, position)
@@ -148,7 +148,7 @@ def test_stripes_of_different_streams_start_the_pull_again_into_a_restarted_sink
     old_stream, new_stream = _stream(old, 1), _stream(new, 2)
     attempts = []
 
-    def pull_one(request: service_pb2.PullRequest, into: Sink) -> None:
+    def pull_one(request: service_pb2.PullRequest, into: PullSink) -> None:
         attempts.append(request.stream_index)
         first_try = len(attempts) <= 2
         # On the first try stripe 1 already sees the next version (a round closed in between).
@@ -166,7 +166,7 @@ def test_stripes_of_different_streams_start_the_pull_again_into_a_restarted_sink
 def test_stripes_that_keep_disagreeing_fail_after_the_attempts():
     streams = [_stream(_body(5), 1), _stream(_body(6), 2)]
 
-    def pull_one(request: service_pb2.PullRequest, into: Sink) -> None:
+    def pull_one(request: service_pb2.PullRequest, into: PullSink) -> None:
         for msg in _stripe(streams[request.stream_index], request.stream_index, 2):
             into.add(msg)
 
