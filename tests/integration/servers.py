@@ -8,6 +8,7 @@ server's result against it (a server that fell back to another codec would not m
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -258,3 +259,26 @@ class CutAfter:
             raise Unavailable()
         self.i += 1
         return next(self.stream)  # type: ignore[no-any-return]
+
+
+def cut_first_pull(
+    monkeypatch: Any, client: ServerClient, after: int, which: Callable[[Any], bool] = lambda request: True
+) -> list[service_pb2.PullRequest]:
+    """Make ``client``'s first pull call that ``which(request)`` accepts fail with UNAVAILABLE
+    after ``after`` messages (``CutAfter``); returns every PullBody request made, in order."""
+    requests: list[service_pb2.PullRequest] = []
+    real = client._stub.PullBody
+    cut = threading.Lock()  # stripes call from threads of their own: one call is cut
+    done = [False]
+
+    def pull_body(request: service_pb2.PullRequest, **kw: Any) -> Any:
+        requests.append(request)
+        stream = real(request, **kw)
+        with cut:
+            if done[0] or not which(request):
+                return stream
+            done[0] = True
+        return CutAfter(stream, after)
+
+    monkeypatch.setattr(client._stub, "PullBody", pull_body)
+    return requests

@@ -14,7 +14,7 @@ from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
 from dept_comm.streaming import PULL_LIMITS, PullReceiver, receive_stream
 from tests.integration.servers import (
-    CutAfter,
+    cut_first_pull,
     join_and_pull,
     pull_until,
     raw_peer,
@@ -69,17 +69,7 @@ def test_a_striped_pull_into_a_sink_resumes_a_cut_stripe(tmp_path, monkeypatch):
         client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20, streams=2)
         try:
             joined = join_and_pull(client)
-            requests: list[service_pb2.PullRequest] = []
-            real = client._stub.PullBody
-
-            def cut_stripe_1_once(request, **kw):
-                requests.append(request)
-                stream = real(request, **kw)
-                if request.stream_index != 1 or request.resume_from_seq:
-                    return stream
-                return CutAfter(stream, 2)
-
-            monkeypatch.setattr(client._stub, "PullBody", cut_stripe_1_once)
+            requests = cut_first_pull(monkeypatch, client, 2, lambda request: request.stream_index == 1)
             sink = PullReceiver(limits=PULL_LIMITS)
             got = client.pull(service_pb2.PullRequest(worker_id=joined.worker_id, full=True), sink=sink)
             resumed = [r for r in requests if r.resume_from_seq]

@@ -13,7 +13,7 @@ from dept_comm.pb import service_pb2
 from dept_comm.pull_resume import PullProgress
 from dept_comm.streaming import PULL_LIMITS, PullReceiver, receive_stream
 from tests.integration.servers import (
-    CutAfter,
+    cut_first_pull,
     join_and_pull,
     pull_until,
     random_delta,
@@ -90,15 +90,7 @@ def test_the_worker_client_resumes_a_pull_cut_by_the_network(tmp_path, monkeypat
         client = ServerClient(f"127.0.0.1:{server.port}", timeout_s=20)
         try:
             joined = join_and_pull(client)
-            requests: list[service_pb2.PullRequest] = []
-            real = client._stub.PullBody
-
-            def cut_once(request, **kw):
-                requests.append(request)
-                stream = real(request, **kw)
-                return stream if len(requests) > 1 else CutAfter(stream, 3)
-
-            monkeypatch.setattr(client._stub, "PullBody", cut_once)
+            requests = cut_first_pull(monkeypatch, client, 3)
             request = service_pb2.PullRequest(worker_id=joined.worker_id, full=True)
             sink = PullReceiver(limits=PULL_LIMITS) if into_sink else None
             items = client.pull(request, sink=sink)

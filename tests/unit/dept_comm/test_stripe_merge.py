@@ -176,29 +176,34 @@ def test_stripes_that_keep_disagreeing_fail_after_the_attempts():
     assert sink.restarts == 2
 
 
-def test_a_stripe_that_skips_a_chunk_fails_the_pull_instead_of_hanging_it():
+def _skip_seq_2(stripes: list[list[WireItem]]) -> None:
+    del stripes[0][2]  # stripe 0 never sends seq 2 (its second chunk)
+
+
+def _end_stripe_0_after_seq_2(stripes: list[list[WireItem]]) -> None:
+    stripes[0][3:] = []  # stripe 0 ends after seq 2 (no more chunks, no commit)
+
+
+def _seq_1_in_stripe_0(stripes: list[list[WireItem]]) -> None:
+    stripes[0].insert(2, stripes[1][1])
+
+
+@pytest.mark.parametrize(
+    ("spoil", "refusal"),
+    [
+        (_skip_seq_2, "skipped chunk seq=2"),
+        (_end_stripe_0_after_seq_2, "stripe 0 ended without chunk seq=4"),
+        (_seq_1_in_stripe_0, "stripe 0 of 2 carried chunk seq=1"),
+    ],
+    ids=["skipped-chunk", "ended-early", "wrong-stripe"],
+)
+def test_a_stripe_out_of_its_order_fails_the_pull_instead_of_hanging_it(spoil, refusal):
+    """A stripe that skips a chunk, ends while the others wait for one of its chunks, or carries
+    another stripe's seq: the pull fails with what went wrong, at once."""
     stream = _stream(_body(10), 1)
     stripes = [_stripe(stream, i, 2) for i in range(2)]
-    del stripes[0][2]  # stripe 0 never sends seq 2 (its second chunk)
+    spoil(stripes)
     t0 = time.monotonic()
-    with pytest.raises(StreamOrderError, match="skipped chunk seq=2"):
+    with pytest.raises(StreamOrderError, match=refusal):
         pull_striped_into(_feeder(stripes), REQUEST, 2, Recording(), window=2)
     assert time.monotonic() - t0 < 5
-
-
-def test_a_stripe_that_ends_early_fails_the_waiting_ones_instead_of_hanging_them():
-    stream = _stream(_body(11), 1)
-    stripes = [_stripe(stream, i, 2) for i in range(2)]
-    stripes[0] = stripes[0][:3]  # stripe 0 ends after seq 2 (no more chunks, no commit)
-    t0 = time.monotonic()
-    with pytest.raises(StreamOrderError, match="stripe 0 ended without chunk seq=4"):
-        pull_striped_into(_feeder(stripes), REQUEST, 2, Recording(), window=2)
-    assert time.monotonic() - t0 < 5
-
-
-def test_a_chunk_in_the_wrong_stripe_is_refused():
-    stream = _stream(_body(12), 1)
-    stripes = [_stripe(stream, i, 2) for i in range(2)]
-    stripes[0].insert(2, stripes[1][1])  # seq 1 in stripe 0
-    with pytest.raises(StreamOrderError, match="stripe 0 of 2 carried chunk seq=1"):
-        pull_striped_into(_feeder(stripes), REQUEST, 2, Recording())
