@@ -220,9 +220,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     as dept-worker uses it: a push encodes the update on a background thread while it streams it
     (``PipelinedUpload``, timed from the start of the encode) until the server's receipt holds
     every chunk (staged, every chunk checksum verified; the commit's digest check is
-    CommitUpdate's, not timed), and ``push_serial`` encodes first, then sends; a pull streams the whole body, merges its stripes and decodes every
-    tensor with ``receive_stream`` (checksums, tensor digests, commit digest), then checks the body
-    digest against the server's (untimed, but in the CPU figures). All runs are interleaved, after
+    CommitUpdate's, not timed), and ``push_serial`` encodes first, then sends; a pull streams the
+    whole body, merges its stripes and decodes every tensor with ``receive_stream`` (checksums,
+    tensor digests, commit digest), then checks the body digest against the server's (untimed,
+    but in the CPU figures). All runs are interleaved, after
     one untimed warm-up pass.
 
     ``streams`` is dept-worker's default (``dept_comm.parallel.DEFAULT_STREAMS``); the top-level
