@@ -24,6 +24,13 @@ _BENCHMARKS = {
 }
 
 
+def load(module: str) -> Any:
+    """Import a benchmark's module, ``dept_comm`` first: it chooses gRPC's transport before the
+    benchmark imports grpc (``dept_comm.grpc_env``), as in dept-server and dept-worker."""
+    importlib.import_module("dept_comm")
+    return importlib.import_module(module)
+
+
 def _emit(result: dict[str, Any], as_json: bool) -> None:
     text = json.dumps(result, indent=None if as_json else 2, sort_keys=False)
     sys.stdout.write(text + "\n")
@@ -61,7 +68,7 @@ def _command(name: str, module: str) -> click.Command:
         runs: str | None,
         staging_memory_mib: int | None,
     ) -> None:
-        run = importlib.import_module(module).run
+        run = load(module).run
         accepted = inspect.signature(run).parameters
         options: dict[str, Any] = {"quick": quick}
         for key, value in (

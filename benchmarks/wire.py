@@ -25,6 +25,7 @@ from dept_comm.codecs import get_codec
 from dept_comm.digest import tensors_digest
 from dept_comm.errors import CommitMismatchError, DeptError
 from dept_comm.frames import ChunkFrame, StreamItem, WireItem, from_wire, read_wire, to_wire
+from dept_comm.grpc_env import transport
 from dept_comm.manifest import chunk_checksums, tensor_payload
 from dept_comm.memory import keep_freed_memory
 from dept_comm.parallel import DEFAULT_STREAMS
@@ -232,7 +233,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     schedstat), which a loaded machine distorts far less than wall time; its ``phases`` are the
     single-thread cost per MiB of each step of ours on the same data, measured apart in this
     process, and ``grpc_and_rest`` is the side's total less those (gRPC, its threads, our
-    per-message glue).
+    per-message glue). ``grpc_transport`` is gRPC's transport on each end (``dept_comm.grpc_env``).
     """
     size = (32 if quick else 256) << 20
     out: dict[str, Any] = {"size_bytes": size, "chunk_bytes": StreamConfig().chunk_bytes, "repeats": _REPEATS}
@@ -279,7 +280,8 @@ def _server_cpu(pid: int) -> float:
     return total / 1e9
 
 
-def _start_real_server(size: int) -> tuple[subprocess.Popen[str], int]:
+def _start_real_server(size: int) -> tuple[subprocess.Popen[str], int, str]:
+    """The real dept-server in a process of its own: the process, its port and its gRPC transport."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dept_bench.wire_server", "--body-mib", str(size >> 20)],
         stdin=subprocess.PIPE,
@@ -291,7 +293,8 @@ def _start_real_server(size: int) -> tuple[subprocess.Popen[str], int]:
     if not line:
         proc.kill()
         raise TimeoutError("dept-server did not start")
-    return proc, int(json.loads(line)["port"])
+    ready = json.loads(line)
+    return proc, int(ready["port"]), str(ready["grpc_transport"])
 
 
 class _Worker:
@@ -352,7 +355,7 @@ def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(child, size, config.chunk_bytes, tuned), daemon=True)
     proc.start()
-    real, real_port = _start_real_server(size)
+    real, real_port, real_transport = _start_real_server(size)
     try:
         if not parent.poll(120):
             raise TimeoutError("benchmark server did not start within 120 s")
@@ -384,6 +387,8 @@ def _client_measure(size: int, tuned: bool) -> dict[str, Any]:
             real.kill()
     logger.info("wire tuned=%s samples=%s", tuned, samples)
     out = {"num_tensors": len(tensors)} | _figures(size, samples, _phases(tensors, config))
+    # gRPC's transport on each end (dept_comm.grpc_env): the figures depend on it
+    out["grpc_transport"] = {"client": transport().describe(), "server": real_transport}
     return out | ({"applied": applied} if tuned else {})
 
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dept_comm.grpc_env import transport
 from dept_comm.memory import keep_freed_memory
 from dept_comm.server.run import freeze_startup_heap, tune_malloc
 from dept_server.config import ServerConfig  # type: ignore[import-not-found]  # mypy checks server/ as "server"
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         running = start_dept_server(config, (body, "", info))
         freeze_startup_heap()  # as dept-server's CLI does (dept_comm.server.run.run)
         del body, info
-        print(json.dumps({"port": running.port}), flush=True)
+        print(json.dumps({"port": running.port, "grpc_transport": transport().describe()}), flush=True)
         sys.stdin.read()  # until the benchmark closes our stdin (or dies)
         running.stop(1.0)
     return 0

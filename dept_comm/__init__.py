@@ -23,6 +23,8 @@ Participant::
 
 from __future__ import annotations
 
+# First, before anything imports grpc: gRPC reads GRPC_EXPERIMENTS once, at its import.
+from dept_comm import grpc_env as grpc_env  # isort: skip
 from dept_comm.accounting import RoundMetrics
 from dept_comm.codecs import Codec, codec_names, get_codec
 from dept_comm.errors import (

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from dept_comm.grpc_env import transport
 from dept_comm.memory import keep_freed_memory
 from dept_comm.parallel import DEFAULT_STREAMS, MAX_STREAMS
 
@@ -124,6 +125,7 @@ def main(**options: object) -> None:
     )
     # Reuse freed memory instead of page-faulting fresh chunks in: ~2x the stream throughput here.
     keep_freed_memory(max_arenas=0)
+    logging.getLogger(__name__).info(transport().describe())
     nproc_per_node = int(options.pop("nproc_per_node"))  # type: ignore[call-overload]
     env = NodeEnv.from_environ()  # set by torchrun: this process is one rank of a node's worker
     try:

@@ -16,6 +16,7 @@ import torch
 from grpc_health.v1 import health, health_pb2
 
 from dept_comm.channel import bind, build_server, server_options
+from dept_comm.grpc_env import transport
 from dept_comm.memory import keep_freed_memory, release_freed_memory
 from dept_comm.service import SERVICE_NAME, add_parameter_server
 from dept_comm.staging import STAGING_KEEP_S
@@ -235,6 +236,7 @@ def start_server(
         config.rpc_threads,
         config.heartbeat_timeout_s,
     )
+    logger.info(transport().describe())
     return RunningServer(app, server, port, metrics_server, metrics_port, stop, health_servicer, ticker)
 
 
