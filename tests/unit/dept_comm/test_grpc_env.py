@@ -32,7 +32,9 @@ IN_RANGE = f"{TESTED_GRPCIO[1][0]}.{TESTED_GRPCIO[1][1]}.3"
         (None, False, "garbage", None, "untested-grpcio"),
     ],
 )
-def test_choose(current: str | None, imported: bool, grpcio: str | None, want: str | None, source: str) -> None:
+def test_choose(
+    current: str | None, imported: bool, grpcio: str | None, want: str | None, source: str
+) -> None:
     chosen = choose(current, grpc_imported=imported, grpcio=grpcio)
     assert (chosen.experiments, chosen.source) == (want, source)
     assert chosen.grpcio == (grpcio or "none")
