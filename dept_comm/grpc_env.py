@@ -7,10 +7,12 @@ that to the handler. With ``event_engine_client`` and ``event_engine_listener`` 
 polling the completion queue reads and writes the socket itself (gRPC's poll-based transport, the
 one Python used up to 1.79), so a 1 MiB chunk crosses fewer threads.
 
-Measured with ``dept-bench wire`` on a 2-core host (256 MiB fp32, one stream; four runs each,
-interleaved; ``benchmarks/results/2026-11-28-grpc-transport``): push 0.51-0.54 of one raw TCP
-socket against 0.44-0.45 with gRPC's default, pull 0.64-0.68 against 0.49-0.54; CPU per MiB
-pushed 0.42-0.45 (client) and 0.43-0.50 (server) against 0.46-0.49 and 0.55-0.57.
+Measured with ``dept-bench wire`` on a 2-core host (256 MiB fp32, one stream; six runs each,
+interleaved with runs on gRPC's defaults; ``benchmarks/results/2026-11-28-grpc-transport``): push
+0.46-0.53 of one raw TCP socket against 0.41-0.47, pull 0.59-0.71 against 0.52-0.61; CPU ms per
+MiB pushed 0.41-0.53 (client) and 0.45-0.53 (server) against 0.47-0.55 and 0.54-0.67. The price,
+measured with ``dept-bench load --runs 64x64``: the server's peak over idle is ~19 MiB higher (3.52-3.93
+against 3.31-3.65 x body, seven runs each; docs/SCALE.md).
 
 Importing ``dept_comm`` applies it (this module is the first thing ``dept_comm`` imports), so
 every dept CLI and any program that imports ``dept_comm`` before ``grpc`` gets it. It is left
