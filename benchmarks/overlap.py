@@ -9,15 +9,18 @@ process). The same seeds, data and settings run once synchronously and once with
 Per run, over the steady-state rounds 2..R (the first round pulls the whole initial body and
 starts the processes):
 
-- ``compute_s_per_round``: the inner steps' seconds (``train_s`` on each worker's per-round log
-  line, the training alone, without evaluation or encoding), mean over rounds, of the slower
+- ``compute_s_per_round``: the worker's computation per round, its inner steps plus its
+  validation pass (``train_s + eval_s`` on each worker's per-round log line; both run in every
+  round, synchronous or not, and neither waits on the network), mean over rounds, of the slower
   worker (a per-round maximum would overstate it with overlap, where each worker's rounds run
-  back to back and the slower one sets the pace);
+  back to back and the slower one sets the pace); ``train_s_per_round`` and ``eval_s_per_round``
+  are its two parts, for the same worker;
 - ``comm_s_per_round``: the pull's plus the push's seconds (``pull_s + push_s`` on the same
   line; a push ends when the commit is acknowledged), mean over rounds, of the slower worker;
 - ``round_wall_s_per_round``: the time between consecutive round closes on the server
   (``timestamp_unix_s`` of consecutive ``metrics.jsonl`` records), mean over rounds;
-- ``wall_over_compute``: the ratio of the two means; ``avg_val_bpb``: the workers' final
+- ``wall_over_compute``: the ratio of the two means (``wall_over_train``: of the round wall time
+  to the inner steps alone, the stricter figure this benchmark reported first); ``avg_val_bpb``: the workers' final
   validation bits per byte after the last round, mean over sources (the quality cost of the
   one-round delay is the difference between the two runs); ``link_bytes``: what crossed each
   worker's emulated link, up and down (every byte of the run went through the emulators).
@@ -74,7 +77,7 @@ QUICK_LINK = (200.0, 10.0)
 
 ROUND_LINE = re.compile(
     r"round=(?P<round>\d+) source=\S+ .* train_s=(?P<train>[\d.]+) pull_s=(?P<pull>[\d.]+) "
-    r"push_s=(?P<push>[\d.]+)"
+    r"push_s=(?P<push>[\d.]+)(?: eval_s=(?P<eval>[\d.]+))?"
 )
 
 
@@ -124,13 +127,15 @@ class _Links:
 
 
 def worker_rounds(log: Path) -> dict[int, dict[str, float]]:
-    """round -> {train_s, comm_s} from one worker's per-round log lines."""
+    """round -> {train_s, eval_s, comm_s} from one worker's per-round log lines (eval_s 0 in
+    lines of workers from before it was logged)."""
     out = {}
     for line in log.read_text(encoding="utf-8").splitlines():
         m = ROUND_LINE.search(line)
         if m:
             out[int(m["round"])] = {
                 "train_s": float(m["train"]),
+                "eval_s": float(m["eval"] or 0.0),
                 "comm_s": float(m["pull"]) + float(m["push"]),
             }
     return out
@@ -150,16 +155,22 @@ def measure(metrics: Path, logs: dict[str, Path], sources: tuple[str, ...]) -> d
         raise ValueError(
             f"no round line for (worker, round) {missing[:4]} in {[str(p) for p in logs.values()]}"
         )
-    series = {s: {k: [w[r][k] for r in steady] for k in ("train_s", "comm_s")} for s, w in per_worker.items()}
-    compute = max(mean(v["train_s"]) for v in series.values())
+    keys = ("train_s", "eval_s", "comm_s")
+    series = {s: {k: [w[r][k] for r in steady] for k in keys} for s, w in per_worker.items()}
+    slower = max(series, key=lambda s: mean(series[s]["train_s"]) + mean(series[s]["eval_s"]))
+    train, evaluation = mean(series[slower]["train_s"]), mean(series[slower]["eval_s"])
+    compute = train + evaluation
     comm = max(mean(v["comm_s"]) for v in series.values())
     wall = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {
         "rounds": len(closed),
         "compute_s_per_round": round(compute, 3),
+        "train_s_per_round": round(train, 3),
+        "eval_s_per_round": round(evaluation, 3),
         "comm_s_per_round": round(comm, 3),
         "round_wall_s_per_round": round(mean(wall), 3),
         "wall_over_compute": round(mean(wall) / compute, 3),
+        "wall_over_train": round(mean(wall) / train, 3),
         "comm_over_compute": round(comm / compute, 3),
         "avg_val_bpb": round(summarise(records, sources)["avg_val_bpb"], 5),
         "round_wall_s": [round(x, 3) for x in wall],
@@ -211,7 +222,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "benchmark": "overlap",
         "config": {k: v for k, v in config.to_dict().items() if k not in ("heldout", "udhr", "variants")},
         "emulator": "userspace (dept_bench.linkemu), one link per worker",
-        "compute_is": "the slower worker's mean train_s over rounds 2..R (worker log: inner steps only)",
+        "compute_is": "the slower worker's mean train_s + eval_s over rounds 2..R (worker log: inner steps"
+        " and validation pass)",
         "comm_is": "the slower worker's mean pull_s + push_s over rounds 2..R (worker log)",
         "round_wall_is": "difference of consecutive rounds' timestamp_unix_s (server metrics.jsonl)",
         "bpb_overlap_vs_sync": round(over["avg_val_bpb"] / sync["avg_val_bpb"] - 1, 5),

@@ -63,6 +63,7 @@ class Worker(Session):
         self.variant = variant
         self.overlap = Overlap(self) if config.overlap else None  # --overlap: worker/overlap.py
         self.last_loss = float("nan")
+        self.eval_s = 0.0  # the last evaluation's seconds (logged with each round)
         self._restore()
 
     # -- persistence -------------------------------------------------------------------------
@@ -102,13 +103,19 @@ class Worker(Session):
 
     # -- one round ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        """Validation metrics of the model as it is; ``eval_s`` holds the seconds they took."""
+        t0 = time.monotonic()
         batches = eval_batches(
             self.setup.val_tokens,
             seq_len=self.config.seq_len,
             batch_size=self.config.batch_size,
             max_batches=self.config.eval_batches,
         )
-        return {k: float(v) for k, v in evaluate(self.setup.model, batches, self.setup.byte_lengths).items()}
+        metrics = {
+            k: float(v) for k, v in evaluate(self.setup.model, batches, self.setup.byte_lengths).items()
+        }
+        self.eval_s = time.monotonic() - t0
+        return metrics
 
     def train(self) -> tuple[float, int]:
         device = torch.device(self.config.device)
@@ -134,6 +141,7 @@ class Worker(Session):
             t0 = time.monotonic()
             loss, tokens = self.train()
             train_s = time.monotonic() - t0
+        eval_s = self.eval_s  # now: with overlap, the next round's evaluation starts below
         messages = self.prepare_update(round_idx, loss=loss, tokens=tokens, metrics=metrics)
         if self.overlap is not None and self.overlap.has_next(round_idx):
             self.finish_encoding()  # the saved error feedback is this round's whole update's
@@ -146,7 +154,7 @@ class Worker(Session):
         up = sum(m.ByteSize() for m in messages)
         logger.info(
             "round=%d source=%s train_loss=%.4f val_ppl=%.2f up_payload_bytes=%d seconds=%.1f "
-            "train_s=%.3f pull_s=%.3f push_s=%.3f",
+            "train_s=%.3f pull_s=%.3f push_s=%.3f eval_s=%.3f",
             round_idx,
             self.config.source,
             loss,
@@ -156,6 +164,7 @@ class Worker(Session):
             train_s,
             self.comm_s["pull_s"],
             self.comm_s["push_s"],
+            eval_s,
         )
 
     def _drop_overlap(self) -> None:
