@@ -20,10 +20,11 @@ starts the processes):
 - ``round_wall_s_per_round``: the time between consecutive round closes on the server
   (``timestamp_unix_s`` of consecutive ``metrics.jsonl`` records), mean over rounds;
 - ``wall_over_compute``: the ratio of the two means (``wall_over_train``: of the round wall time
-  to the inner steps alone, the stricter figure this benchmark reported first); ``avg_val_bpb``: the workers' final
-  validation bits per byte after the last round, mean over sources (the quality cost of the
-  one-round delay is the difference between the two runs); ``link_bytes``: what crossed each
-  worker's emulated link, up and down (every byte of the run went through the emulators).
+  to the inner steps alone, the stricter figure this benchmark reported first); ``avg_val_bpb``:
+  the workers' final validation bits per byte after the last round, mean over sources (the
+  quality cost of the one-round delay is the difference between the two runs); ``link_bytes``:
+  what crossed each worker's emulated link, up and down (every byte of the run went through the
+  emulators).
 
 Settings: the ``small`` model, 2 sources, 6 rounds of 8 inner steps, int8 both ways, 25 Mbit/s
 at 40 ms RTT. ``--quick``: the ``tiny`` model, 4 rounds of 4 steps, 200 Mbit/s at 10 ms (a
@@ -77,7 +78,7 @@ QUICK_LINK = (200.0, 10.0)
 
 ROUND_LINE = re.compile(
     r"round=(?P<round>\d+) source=\S+ .* train_s=(?P<train>[\d.]+) pull_s=(?P<pull>[\d.]+) "
-    r"push_s=(?P<push>[\d.]+)(?: eval_s=(?P<eval>[\d.]+))?"
+    r"push_s=(?P<push>[\d.]+) eval_s=(?P<eval>[\d.]+)"
 )
 
 
@@ -127,15 +128,14 @@ class _Links:
 
 
 def worker_rounds(log: Path) -> dict[int, dict[str, float]]:
-    """round -> {train_s, eval_s, comm_s} from one worker's per-round log lines (eval_s 0 in
-    lines of workers from before it was logged)."""
+    """round -> {train_s, eval_s, comm_s} from one worker's per-round log lines."""
     out = {}
     for line in log.read_text(encoding="utf-8").splitlines():
         m = ROUND_LINE.search(line)
         if m:
             out[int(m["round"])] = {
                 "train_s": float(m["train"]),
-                "eval_s": float(m["eval"] or 0.0),
+                "eval_s": float(m["eval"]),
                 "comm_s": float(m["pull"]) + float(m["push"]),
             }
     return out
